@@ -1,0 +1,26 @@
+"""neft-trl: Neuron-Level Fine-Tuning (NeFT; Xu et al., "Let's Focus on Neuron", COLING 2025) for TRL."""
+
+from .budget import Budget
+from .config import NeFTConfig
+from .mask import NeuronMask
+from .neurons import NeuronMap, build_neuron_map
+from .plugins import available_selectors, get_selector, hookimpl, register_plugin
+from .selectors.base import NeuronSelector, SelectionContext
+from .trainer import NeFTSFTTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Budget",
+    "NeFTConfig",
+    "NeFTSFTTrainer",
+    "NeuronMap",
+    "NeuronMask",
+    "NeuronSelector",
+    "SelectionContext",
+    "available_selectors",
+    "build_neuron_map",
+    "get_selector",
+    "hookimpl",
+    "register_plugin",
+]

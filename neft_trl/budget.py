@@ -1,0 +1,141 @@
+"""The neuron budget and the ranking that turns a selector's scores into a ``NeuronMask``.
+
+The paper's budget is a share of *all* model parameters (NeFT 6% on Llama-2-7B = 100k neurons), so
+``param_ratio`` is the default; ``neuron_ratio`` (share of candidate neurons) and ``num_neurons`` (a count)
+are the alternatives. Exactly one applies. Ranking pools all layers (``scope="global"``, the paper) or
+keeps the same share in every layer (``scope="per_layer"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .mask import NeuronMask
+from .neurons import NeuronGroup, NeuronMap
+
+DEFAULT_PARAM_RATIO = 0.06
+SCOPES = ("global", "per_layer")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How many neurons to keep. Build with ``Budget.resolve`` so that exactly one field is set."""
+
+    param_ratio: float | None = None
+    neuron_ratio: float | None = None
+    num_neurons: int | None = None
+
+    @classmethod
+    def resolve(
+        cls, param_ratio: float | None = None, neuron_ratio: float | None = None, num_neurons: int | None = None
+    ) -> Budget:
+        given = {k: v for k, v in [("param_ratio", param_ratio), ("neuron_ratio", neuron_ratio),
+                                   ("num_neurons", num_neurons)] if v is not None}
+        if len(given) > 1:
+            raise ValueError(f"Set exactly one neuron budget, got {given}: unset all but one of them.")
+        if not given:
+            return cls(param_ratio=DEFAULT_PARAM_RATIO)
+        (name, value), = given.items()
+        if name == "num_neurons":
+            if int(value) != value or value < 1:
+                raise ValueError(f"num_neurons must be a positive integer, got {value!r}.")
+        elif not 0 < value <= 1:
+            raise ValueError(f"{name} must be in (0, 1] (a share, e.g. 0.06 for 6%), got {value!r}.")
+        return cls(**given)
+
+    def __str__(self) -> str:
+        name, value = next((k, v) for k, v in vars(self).items() if v is not None)
+        return f"{name}={value}"
+
+    def target(self, neuron_map: NeuronMap, total_parameters: int) -> tuple[str, float]:
+        """``("neurons", k)`` or ``("params", p)``, checked against what the candidates can hold."""
+        if self.num_neurons is not None:
+            if self.num_neurons > neuron_map.num_candidates:
+                raise ValueError(
+                    f"num_neurons={self.num_neurons} exceeds the {neuron_map.num_candidates} candidate neurons of "
+                    "this model; lower it or use neuron_ratio."
+                )
+            return "neurons", float(self.num_neurons)
+        if self.neuron_ratio is not None:
+            return "neurons", float(max(1, round(self.neuron_ratio * neuron_map.num_candidates)))
+        wanted = self.param_ratio * total_parameters
+        available = neuron_map.candidate_parameters
+        if wanted > available:
+            raise ValueError(
+                f"param_ratio={self.param_ratio} asks for {wanted:,.0f} parameters, but the candidate neurons hold "
+                f"only {available:,} ({available / total_parameters:.1%} of the model). Use param_ratio <= "
+                f"{available / total_parameters:.4f}, or add gate_proj neurons (include_gate=True)."
+            )
+        return "params", wanted
+
+
+def validate_scores(neuron_map: NeuronMap, scores: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Check a selector's output: one finite float score per candidate of every group."""
+    keys = [g.key for g in neuron_map.groups]
+    if not isinstance(scores, Mapping) or set(scores) != set(keys):
+        got = sorted(scores)[:3] if isinstance(scores, Mapping) else type(scores).__name__
+        raise ValueError(
+            f"Selector {source!r} returned scores for {len(scores) if isinstance(scores, Mapping) else '?'} groups "
+            f"(e.g. {got}), expected {len(keys)} (one per {neuron_map.unit} group, e.g. {keys[:2]}). "
+            "Return a dict keyed by NeuronGroup.key."
+        )
+    checked = {}
+    for group in neuron_map.groups:
+        s = scores[group.key]
+        if not torch.is_tensor(s) or s.shape != (group.size,):
+            shape = tuple(s.shape) if torch.is_tensor(s) else type(s).__name__
+            raise ValueError(f"Selector {source!r} returned scores of shape {shape} for {group.key!r}, "
+                             f"expected ({group.size},).")
+        s = s.detach().float().cpu()
+        if not torch.isfinite(s).all():
+            raise ValueError(f"Selector {source!r} returned NaN or infinite scores for {group.key!r}.")
+        checked[group.key] = s
+    return checked
+
+
+def select_top(
+    neuron_map: NeuronMap,
+    scores: Mapping[str, torch.Tensor],
+    budget: Budget,
+    total_parameters: int,
+    keep: str = "lowest",
+    scope: str = "global",
+    metadata: Mapping[str, str] | None = None,
+) -> NeuronMask:
+    """Rank validated scores and keep the best candidates within the budget (ties: lower index first)."""
+    if keep not in ("lowest", "highest"):
+        raise ValueError(f"keep must be 'lowest' or 'highest', got {keep!r}.")
+    if scope not in SCOPES:
+        raise ValueError(f"neuron_scope={scope!r} is not one of {SCOPES}.")
+    kind, amount = budget.target(neuron_map, total_parameters)
+    pools = [neuron_map.groups] if scope == "global" else _by_layer(neuron_map.groups)
+    share = amount / (neuron_map.num_candidates if kind == "neurons" else neuron_map.candidate_parameters)
+    chosen = {}
+    for pool in pools:
+        flat = torch.cat([scores[g.key] for g in pool])
+        params = torch.cat([torch.full((g.size,), g.params_per_neuron, dtype=torch.float64) for g in pool])
+        order = torch.sort(flat, descending=keep == "highest", stable=True).indices
+        if scope == "global":
+            pool_amount = amount
+        else:
+            pool_amount = share * (params.numel() if kind == "neurons" else float(params.sum()))
+        if kind == "neurons":
+            take = order[: int(round(pool_amount))]
+        else:
+            take = order[torch.cumsum(params[order], 0) <= pool_amount + 1e-6]
+        keep_flat = torch.zeros(flat.numel(), dtype=torch.bool)
+        keep_flat[take] = True
+        for g, part in zip(pool, keep_flat.split([g.size for g in pool]), strict=True):
+            chosen[g.key] = part
+    meta = {"budget": str(budget), "keep": keep, "neuron_scope": scope, **(metadata or {})}
+    return NeuronMask.from_groups(neuron_map, chosen, meta)
+
+
+def _by_layer(groups: list[NeuronGroup]) -> list[list[NeuronGroup]]:
+    layers: dict[int, list[NeuronGroup]] = {}
+    for g in groups:
+        layers.setdefault(g.layer, []).append(g)
+    return list(layers.values())

@@ -1,0 +1,105 @@
+"""``NeFTConfig``: TRL's ``SFTConfig`` plus the neuron-level fine-tuning settings.
+
+A dataclass like its parent, every field documented in ``metadata["help"]``, so that
+``HfArgumentParser(NeFTConfig)`` gives a command line and the help text for free.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from trl import SFTConfig
+
+from .budget import SCOPES, Budget
+from .neurons import UNITS
+
+MODES = ("auto", "hooks", "delta")
+
+
+@dataclass
+class NeFTConfig(SFTConfig):
+    """Configuration for ``NeFTSFTTrainer``: every ``SFTConfig`` field, plus which neurons to train and how."""
+
+    selector: str = field(
+        default="cosine",
+        metadata={"help": "Neuron selector plugin: cosine (the paper), activation, gradient, random, or any installed "
+                          "third-party selector (entry-point group neft_trl.selectors)."},
+    )
+    selector_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for the selector, as a dict or a JSON string, e.g. "
+                          '\'{"probe_steps": 20}\' for cosine or \'{"calibration_batches": 8}\' for activation.'},
+    )
+    param_ratio: float | None = field(
+        default=None,
+        metadata={"help": "Budget as a share of ALL model parameters, as in the paper (0.06 = NeFT 6%). The default "
+                          "(0.06) applies when no budget is set. Set only one of param_ratio/neuron_ratio/num_neurons."},
+    )
+    neuron_ratio: float | None = field(
+        default=None, metadata={"help": "Budget as a share of the candidate neurons (0.1 = 10% of them)."}
+    )
+    num_neurons: int | None = field(default=None, metadata={"help": "Budget as a number of candidate neurons."})
+    neuron_unit: str = field(
+        default="vector",
+        metadata={"help": "What one candidate is. 'vector' (the paper): each up_proj row and each down_proj column "
+                          "is ranked on its own. 'mlp': row n of up/gate and column n of down form one unit."},
+    )
+    neuron_scope: str = field(
+        default="global",
+        metadata={"help": "'global' (the paper): rank all layers' candidates together. 'per_layer': keep the same "
+                          "share of candidates in every layer."},
+    )
+    include_gate: bool = field(
+        default=False,
+        metadata={"help": "Also make gate_proj rows candidates (the paper left gate out only for a framework limit)."},
+    )
+    neuron_modules: dict[str, str] | str | None = field(
+        default=None,
+        metadata={"help": "Child names of the MLP projections for architectures neft_trl does not know, as a dict "
+                          'or JSON string: {"up": "w1", "gate": "w3", "down": "w2"}.'},
+    )
+    neft_mode: str = field(
+        default="auto",
+        metadata={"help": "'hooks': train the selected rows/columns of the original weights through gradient hooks "
+                          "(full precision). 'delta': train small per-neuron deltas beside frozen weights (required "
+                          "for 4/8-bit models). 'auto': delta for quantized models, hooks otherwise."},
+    )
+    neuron_mask_path: str | None = field(
+        default=None,
+        metadata={"help": "Train with a saved neuron_mask.safetensors (or a folder holding one) instead of "
+                          "selecting neurons."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("selector_kwargs", "neuron_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{name} must be a dict or a JSON object string, got {value!r}.") from err
+        self.selector_kwargs = dict(self.selector_kwargs or {})
+        _check_choice("neuron_unit", self.neuron_unit, UNITS)
+        _check_choice("neuron_scope", self.neuron_scope, SCOPES)
+        _check_choice("neft_mode", self.neft_mode, MODES)
+        self.budget  # validates the budget now, not at train time
+
+    @property
+    def budget(self) -> Budget:
+        return Budget.resolve(self.param_ratio, self.neuron_ratio, self.num_neurons)
+
+    @classmethod
+    def from_training_args(cls, args: Any) -> NeFTConfig:
+        """A ``NeFTConfig`` with NeFT defaults and every field that a plain ``SFTConfig``/``TrainingArguments`` set."""
+        values = args.to_dict()
+        values["hub_token"] = getattr(args, "hub_token", None)
+        names = {f.name for f in fields(cls) if f.init}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {choices}.")

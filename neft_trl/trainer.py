@@ -1,0 +1,215 @@
+"""``NeFTSFTTrainer``: TRL's ``SFTTrainer`` that selects neurons, then trains only those.
+
+The flow is one way: select (a selector plugin scores neurons) -> mask (``NeuronMask``) -> training mode
+(gradient hooks or neuron deltas) -> save. Selection runs once, inside ``create_optimizer`` (before the
+optimizer exists, so it only ever sees the selected parameters), from ``args.seed``, without changing any
+RNG the run draws from. No selection or layer logic lives here.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTTrainer
+
+from .config import NeFTConfig
+from .distributed import broadcast_mask
+from .mask import MASK_FILENAME, NeuronMask
+from .neurons import NeuronMap, build_neuron_map
+from .plugins import get_selector
+from .selection import log_mask, preserved_rng_state, select_neurons
+from .selectors.base import SelectionContext
+from .training import NeuronTraining, build_training, resolve_mode
+
+logger = logging.getLogger("neft_trl")
+
+
+class NeFTSFTTrainer(SFTTrainer):
+    """Supervised fine-tuning of a few selected MLP neurons (NeFT, Xu et al., COLING 2025).
+
+    Args:
+        model: a model or a model id/path, as for ``SFTTrainer``.
+        train_dataset: the training data, as for ``SFTTrainer``.
+        selector: neuron selector name; overrides ``args.selector``.
+        args: a ``NeFTConfig``; a plain ``SFTConfig``/``TrainingArguments`` gets NeFT's defaults.
+        **kwargs: every other ``SFTTrainer`` argument (eval_dataset, processing_class, callbacks, ...).
+
+    After training starts, ``trainer.neuron_mask`` holds the selection; ``save_model`` writes a normal HF
+    checkpoint plus ``neuron_mask.safetensors``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        train_dataset: Any = None,
+        *,
+        selector: str | None = None,
+        args: TrainingArguments | None = None,
+        neuron_mask: NeuronMask | None = None,
+        **kwargs: Any,
+    ):
+        if isinstance(train_dataset, (TrainingArguments, dict, str)):
+            raise TypeError(
+                f"NeFTSFTTrainer's second positional argument is train_dataset, got a {type(train_dataset).__name__}. "
+                "Pass the config by keyword: NeFTSFTTrainer(model, train_dataset, args=NeFTConfig(...))."
+            )
+        if kwargs.get("peft_config") is not None:
+            raise ValueError("NeFTSFTTrainer trains neurons instead of a PEFT adapter: remove peft_config.")
+        if kwargs.get("optimizers", (None, None))[0] is not None:
+            raise ValueError(
+                "NeFTSFTTrainer builds its optimizer over the selected neurons only: instead of optimizers=(...), "
+                "set args.optim / learning_rate / weight_decay, or pass optimizer_cls_and_kwargs."
+            )
+        args = _neft_args(args, model)
+        if selector is not None:
+            args.selector = selector
+        get_selector(args.selector)  # an unknown selector fails here, listing the installed ones
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        self.neuron_map: NeuronMap = build_neuron_map(
+            self.model, args.neuron_unit, args.include_gate, args.neuron_modules
+        )
+        self.neft_mode = resolve_mode(args.neft_mode, self.neuron_map)
+        self.neuron_mask: NeuronMask | None = neuron_mask
+        self.neuron_training: NeuronTraining | None = None
+        self._resume_checkpoint: str | None = None
+        self.add_callback(_NeuronStatsCallback(self))
+
+    # -- selection -----------------------------------------------------------------------------------
+    def select_neurons(self) -> NeuronMask:
+        """Run the configured selector now and return its mask (does not attach it)."""
+        context = SelectionContext(
+            model=self.model,
+            neuron_map=self.neuron_map,
+            budget=self.args.budget,
+            seed=self.args.seed,
+            batches=self._selection_batches if self.train_dataset is not None else None,
+            compute_loss=lambda model, batch: self.compute_loss(model, batch),
+            trainer=self,
+            show_progress=not self.args.disable_tqdm,
+        )
+        saved_metrics = copy.deepcopy(getattr(self, "_metrics", None))
+        saved_tokens = getattr(self, "_total_train_tokens", None)
+        was_training = self.model.training
+        with preserved_rng_state():
+            mask = select_neurons(context, self.args.selector, self.args.selector_kwargs, self.args.neuron_scope)
+        self.model.train(was_training)
+        if saved_metrics is not None:
+            self._metrics = saved_metrics
+        if saved_tokens is not None:
+            self._total_train_tokens = saved_tokens
+        return mask
+
+    def _selection_batches(self, count: int) -> Iterator[dict[str, torch.Tensor]]:
+        """``count`` batches from the trainer's own train dataloader, cycling over it if it is shorter."""
+        dataloader = self.get_train_dataloader()
+        produced = 0
+        for _ in itertools.count():
+            empty = True
+            for batch in dataloader:
+                empty = False
+                if produced >= count:
+                    return
+                produced += 1
+                yield self._prepare_inputs(batch)
+            if empty or produced >= count:
+                return
+
+    def _resolve_mask(self) -> NeuronMask:
+        """The mask to train: one already set, the resumed checkpoint's, ``neuron_mask_path``, or a new selection."""
+        if self.neuron_mask is not None:
+            return self.neuron_mask
+        for source in (self._resume_checkpoint, self.args.neuron_mask_path):
+            if source and (os.path.isfile(source) or os.path.isfile(os.path.join(source, MASK_FILENAME))):
+                mask = NeuronMask.load(source)
+                log_mask(mask)
+                return mask
+            if source and source == self.args.neuron_mask_path:
+                raise FileNotFoundError(f"neuron_mask_path={source!r} holds no {MASK_FILENAME}.")
+        if self.accelerator.num_processes > 1:
+            return broadcast_mask(self.select_neurons() if self.accelerator.is_main_process else None,
+                                  self.neuron_map, self.accelerator)
+        return self.select_neurons()
+
+    def _prepare_neurons(self) -> None:
+        mask = self._resolve_mask()
+        mask.check_fits(self.neuron_map)
+        self.neuron_mask = mask
+        self.neuron_training = build_training(self.neft_mode, self.model, self.neuron_map, mask)
+        self.neuron_training.attach()
+        if self.args.gradient_checkpointing and hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
+
+    # -- Trainer overrides ----------------------------------------------------------------------------
+    def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+        """Select and attach the neurons first, so the optimizer only ever holds trainable neurons."""
+        if self.neuron_training is None:
+            self._prepare_neurons()
+        had_optimizer = self.optimizer is not None
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if not had_optimizer:
+            self.neuron_training.install_weight_decay(self.optimizer, self.args.weight_decay)
+        return optimizer
+
+    def get_decay_parameter_names(self, model: torch.nn.Module) -> list[str]:
+        names = super().get_decay_parameter_names(model)
+        excluded = self.neuron_training.no_decay_parameter_names() if self.neuron_training else set()
+        return [n for n in names if n not in excluded]
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self._resume_checkpoint = resume_from_checkpoint or None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model as ``SFTTrainer`` does, plus the neuron mask (and the mode's own files)."""
+        output_dir = output_dir or self.args.output_dir
+        if self.neuron_training is not None and self.neuron_training.saves_model_itself:
+            if self.args.should_save:
+                self.neuron_training.save(output_dir)
+        else:
+            super().save_model(output_dir, _internal_call)
+        if self.neuron_mask is not None and self.args.should_save:
+            self.neuron_mask.save(os.path.join(output_dir, MASK_FILENAME))
+
+
+class _NeuronStatsCallback(TrainerCallback):
+    """Reports the selection to the Trainer's loggers (console, TensorBoard, W&B) when training starts."""
+
+    def __init__(self, trainer: NeFTSFTTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        mask = self.trainer.neuron_mask
+        if mask is None:
+            return
+        stats = {
+            "neft/selected_neurons": mask.num_selected,
+            "neft/candidate_neurons": mask.num_total,
+            "neft/trainable_parameters": mask.trainable_parameters,
+        }
+        if "selection_seconds" in mask.metadata:
+            stats["neft/selection_seconds"] = float(mask.metadata["selection_seconds"])
+        for layer, count in mask.per_layer_counts().items():
+            stats[f"neft/layer_{layer}_neurons"] = count
+        logger.info("NeFT: training %s", mask)
+        self.trainer.log(stats)
+
+
+def _neft_args(args: TrainingArguments | None, model: Any) -> NeFTConfig:
+    if args is None:
+        name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+        return NeFTConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-NeFT")
+    if isinstance(args, NeFTConfig):
+        return args
+    if isinstance(args, TrainingArguments):
+        return NeFTConfig.from_training_args(args)
+    raise TypeError(f"args must be a NeFTConfig, SFTConfig or TrainingArguments, got {type(args).__name__}.")

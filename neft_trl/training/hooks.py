@@ -1,0 +1,71 @@
+"""``hooks`` mode: the projections' own full-precision weights train; gradient hooks zero the rest.
+
+Only projections that hold selected neurons get ``requires_grad``; every other parameter is frozen. Each
+trainable weight (and an in-neuron's bias) gets a tensor hook that multiplies its gradient by the neuron
+mask, so gradient clipping, accumulation and DDP all see masked gradients, and Adam-style optimizers
+never move a neuron whose gradient was always zero.
+
+Weight decay is the one thing an optimizer applies without a gradient: AdamW's ``p *= 1 - lr * wd`` would
+shrink frozen rows. So these weights are kept out of the optimizer's decay group, and an optimizer step
+pre-hook applies the same decoupled decay to the selected neurons only. Frozen neurons stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import NeuronTraining
+
+
+class GradientMaskTraining(NeuronTraining):
+    """Train selected rows/columns of the original weights in place (full-precision models)."""
+
+    mode = "hooks"
+
+    def attach(self) -> None:
+        self.freeze_model()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self._handles = []
+        self._masked: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []  # (name, param, broadcast mask)
+        for proj in self.neuron_map:
+            selected = self.mask.selected[proj.name]
+            if not selected.any():
+                continue
+            weight = proj.module.weight
+            shape = [1, 1]
+            shape[proj.neuron_dim] = -1
+            targets = [(weight, selected.view(shape))]
+            if proj.trains_bias:
+                targets.append((proj.module.bias, selected))
+            for param, keep in targets:
+                keep = keep.to(device=param.device, dtype=param.dtype)
+                param.requires_grad_(True)
+                self._handles.append(param.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
+                self._masked.append((names[id(param)], param, keep))
+
+    def detach(self) -> None:
+        for handle in getattr(self, "_handles", []):
+            handle.remove()
+        self._handles = []
+        self.unfreeze_model()
+
+    def no_decay_parameter_names(self) -> set[str]:
+        return {name for name, _, _ in self._masked}
+
+    def install_weight_decay(self, optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+        """Decoupled (AdamW-style) decay on the selected neurons' weights only, before each optimizer step."""
+        decayed = [(p, keep) for name, p, keep in self._masked if not name.endswith("bias")]
+        if weight_decay == 0 or not decayed:
+            return
+        group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+        @torch.no_grad()
+        def decay_selected(opt, args, kwargs):
+            for param, keep in decayed:
+                group = group_of.get(id(param))
+                if group is None or param.grad is None:
+                    continue
+                factor = 1 - group["lr"] * weight_decay
+                param.mul_(keep * (factor - 1) + 1)
+
+        self._handles.append(optimizer.register_step_pre_hook(decay_selected))

@@ -1,0 +1,87 @@
+"""Shared fixtures: tiny randomly initialised models of several architectures, a real word-level tokenizer
+built offline, and a small text dataset. Nothing is downloaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPTNeoXConfig,
+    LlamaConfig,
+    PhiConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+WORDS = ("the a cat dog sat ran on under mat log red blue big small house tree sun moon and then "
+         "translate hello world good day night to from is was").split()
+SPECIALS = ["<pad>", "<unk>", "<eos>"]
+VOCAB_SIZE = 64
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
+
+
+def _common(**kw):
+    return dict(vocab_size=VOCAB_SIZE, pad_token_id=0, eos_token_id=2, bos_token_id=2, **kw)
+
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**_common(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=128, tie_word_embeddings=False)),
+    "qwen2": lambda: Qwen2Config(**_common(hidden_size=32, intermediate_size=40, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=128)),
+    "gpt2": lambda: GPT2Config(**_common(n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=128)),
+    "gpt_neox": lambda: GPTNeoXConfig(**_common(hidden_size=32, intermediate_size=56, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=128)),
+    "phi": lambda: PhiConfig(**_common(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                       num_attention_heads=4, max_position_embeddings=128)),
+}
+ARCHITECTURES = ["llama", "qwen2", "gpt2", "gpt_neox"]
+
+
+def make_model(arch: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(CONFIGS[arch]()).float()
+
+
+def make_dataset(n: int = 32, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        idx = torch.randint(len(WORDS), (int(torch.randint(4, 10, (1,), generator=g)),), generator=g)
+        rows.append(" ".join(WORDS[i] for i in idx))
+    return Dataset.from_dict({"text": rows})
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def dataset():
+    return make_dataset()
+
+
+def tiny_args(tmp_path, **overrides):
+    """A NeFTConfig for fast CPU runs on the tiny models."""
+    from neft_trl import NeFTConfig
+
+    values = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, max_length=32, seed=0,
+        disable_tqdm=True, dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return NeFTConfig(**values)
