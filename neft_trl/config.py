@@ -34,8 +34,9 @@ class NeFTConfig(SFTConfig):
     )
     param_ratio: float | None = field(
         default=None,
-        metadata={"help": "Budget as a share of ALL model parameters, as in the paper (0.06 = NeFT 6%). The default "
-                          "(0.06) applies when no budget is set. Set only one of param_ratio/neuron_ratio/num_neurons."},
+        metadata={"help": "Budget as a share of ALL model parameters, as in the paper (0.06 = NeFT 6%). The "
+                          "default (0.06) applies when no budget is set. Set only one of param_ratio, neuron_ratio "
+                          "and num_neurons."},
     )
     neuron_ratio: float | None = field(
         default=None, metadata={"help": "Budget as a share of the candidate neurons (0.1 = 10% of them)."}
@@ -85,7 +86,7 @@ class NeFTConfig(SFTConfig):
         _check_choice("neuron_unit", self.neuron_unit, UNITS)
         _check_choice("neuron_scope", self.neuron_scope, SCOPES)
         _check_choice("neft_mode", self.neft_mode, MODES)
-        self.budget  # validates the budget now, not at train time
+        _ = self.budget  # validates the budget now, not at train time
 
     @property
     def budget(self) -> Budget:

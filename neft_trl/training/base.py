@@ -57,9 +57,11 @@ class NeuronTraining(ABC):
 
     def install_weight_decay(self, optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
         """Apply this mode's own weight decay where the optimizer's would move frozen neurons (default: none)."""
+        return None
 
     def trainable_parameter_count(self) -> int:
         return self.mask.trainable_parameters
 
     def save(self, output_dir: str) -> None:
         """Write this mode's trained state to ``output_dir`` (only called when ``saves_model_itself``)."""
+        return None
