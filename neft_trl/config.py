@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig
 
 from .budget import SCOPES, Budget
@@ -74,6 +75,9 @@ class NeFTConfig(SFTConfig):
     )
 
     def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            # TRL defaults to bf16, which fails on machines without a bf16 accelerator; NeFT's default works anywhere.
+            self.bf16 = is_torch_bf16_gpu_available()
         super().__post_init__()
         for name in ("selector_kwargs", "neuron_modules"):
             value = getattr(self, name)
@@ -95,10 +99,9 @@ class NeFTConfig(SFTConfig):
     @classmethod
     def from_training_args(cls, args: Any) -> NeFTConfig:
         """A ``NeFTConfig`` with NeFT defaults and every field that a plain ``SFTConfig``/``TrainingArguments`` set."""
-        values = args.to_dict()
-        values["hub_token"] = getattr(args, "hub_token", None)
-        names = {f.name for f in fields(cls) if f.init}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        # Read the fields themselves: `to_dict()` masks every `*_token` value (hub_token, but also eos/pad_token).
+        ours = {f.name for f in fields(cls) if f.init}
+        return cls(**{f.name: getattr(args, f.name) for f in fields(args) if f.init and f.name in ours})
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
