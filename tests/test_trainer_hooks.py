@@ -75,7 +75,7 @@ def test_bf16_autocast_and_gradient_checkpointing(tmp_path):
 
 
 def test_weight_decay_applies_to_selected_neurons_like_adamw(tmp_path):
-    """With lr -> decay only (zero gradients impossible to force), compare against a decay-free run."""
+    """Decay must still shrink the selected neurons (applied by neft_trl, not the optimizer) and never the rest."""
     runs = {}
     for wd in (0.0, 0.5):
         model = make_model("llama")
