@@ -2,6 +2,7 @@
 
 from .budget import Budget
 from .config import NeFTConfig
+from .delta_io import load_neuron_delta, merge_neuron_delta
 from .mask import NeuronMask
 from .neurons import NeuronMap, build_neuron_map
 from .plugins import available_selectors, get_selector, hookimpl, register_plugin
@@ -22,5 +23,7 @@ __all__ = [
     "build_neuron_map",
     "get_selector",
     "hookimpl",
+    "load_neuron_delta",
+    "merge_neuron_delta",
     "register_plugin",
 ]

@@ -20,6 +20,7 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
+from .compat import frozen_during_trl_init, load_model_like_trl, quantized_training_allowed
 from .config import NeFTConfig
 from .distributed import broadcast_mask
 from .mask import MASK_FILENAME, NeuronMask
@@ -72,7 +73,17 @@ class NeFTSFTTrainer(SFTTrainer):
         if selector is not None:
             args.selector = selector
         get_selector(args.selector)  # an unknown selector fails here, listing the installed ones
-        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        model_init_kwargs = args.model_init_kwargs
+        if isinstance(model, str):  # load it here, so a quantized model is frozen before TRL's bf16 cast
+            model, kwargs["processing_class"] = load_model_like_trl(
+                model, args, kwargs.pop("quantization_config", None), kwargs.get("processing_class")
+            )
+            args.model_init_kwargs = None  # consumed above; TRL would warn that it ignores them
+        try:  # a quantized model trains through neuron deltas: see compat.py for both bypasses
+            with quantized_training_allowed(model), frozen_during_trl_init(model):
+                super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        finally:
+            args.model_init_kwargs = model_init_kwargs
         self.neuron_map: NeuronMap = build_neuron_map(
             self.model, args.neuron_unit, args.include_gate, args.neuron_modules
         )
@@ -168,6 +179,24 @@ class NeFTSFTTrainer(SFTTrainer):
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self._resume_checkpoint = resume_from_checkpoint or None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """Delta mode: a checkpoint holds neuron deltas, not model weights, so attach the deltas and load them.
+
+        ``train()`` calls this before creating the optimizer; the deltas are attached here (with the
+        checkpoint's mask), so ``create_optimizer`` then finds them and the optimizer state loads onto them.
+        """
+        if self.neft_mode != "delta":
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.neuron_training is None:
+            self._prepare_neurons()
+        self.neuron_training.load(resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.neft_mode != "delta":
+            return super()._load_best_model()
+        logger.info("NeFT: loading the best neuron deltas from %s", self.state.best_model_checkpoint)
+        self.neuron_training.load(self.state.best_model_checkpoint)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the model as ``SFTTrainer`` does, plus the neuron mask (and the mode's own files)."""
