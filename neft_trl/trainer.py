@@ -23,9 +23,11 @@ from trl import SFTTrainer
 from .compat import frozen_during_trl_init, load_model_like_trl, quantized_training_allowed
 from .config import NeFTConfig
 from .distributed import broadcast_mask
+from .layers import parameter_count
 from .mask import MASK_FILENAME, NeuronMask
 from .neurons import NeuronMap, build_neuron_map
 from .plugins import get_selector
+from .report import NeuronReport, neuron_report
 from .selection import log_mask, preserved_rng_state, select_neurons
 from .selectors.base import SelectionContext
 from .training import NeuronTraining, build_training, resolve_mode
@@ -88,6 +90,7 @@ class NeFTSFTTrainer(SFTTrainer):
             self.model, args.neuron_unit, args.include_gate, args.neuron_modules
         )
         self.neft_mode = resolve_mode(args.neft_mode, self.neuron_map)
+        self.model_parameter_count = parameter_count(self.model)  # before a training mode adds any deltas
         self.neuron_mask: NeuronMask | None = neuron_mask
         self.neuron_training: NeuronTraining | None = None
         self._resume_checkpoint: str | None = None
@@ -117,6 +120,15 @@ class NeFTSFTTrainer(SFTTrainer):
         if saved_tokens is not None:
             self._total_train_tokens = saved_tokens
         return mask
+
+    def neuron_report(self, *other_masks: NeuronMask, names: list[str] | None = None) -> NeuronReport:
+        """Counts of this run's mask (per layer and role, trainable share of the model) and, given other masks,
+        their overlap and Jaccard matrices: the numbers ``neft-trl report`` prints (``neft_trl.report``)."""
+        if self.neuron_mask is None:
+            raise ValueError(
+                "No neuron mask yet: call train() first, or set trainer.neuron_mask = trainer.select_neurons()."
+            )
+        return neuron_report(self.neuron_mask, other_masks, names, total_parameters=self.model_parameter_count)
 
     def _selection_batches(self, count: int) -> Iterator[dict[str, torch.Tensor]]:
         """``count`` batches from the trainer's own train dataloader, cycling over it if it is shorter."""
@@ -220,15 +232,9 @@ class _NeuronStatsCallback(TrainerCallback):
         mask = self.trainer.neuron_mask
         if mask is None:
             return
-        stats = {
-            "neft/selected_neurons": mask.num_selected,
-            "neft/candidate_neurons": mask.num_total,
-            "neft/trainable_parameters": mask.trainable_parameters,
-        }
+        stats = self.trainer.neuron_report().scalars("neft/")  # totals, shares, per-layer and per-role counts
         if "selection_seconds" in mask.metadata:
             stats["neft/selection_seconds"] = float(mask.metadata["selection_seconds"])
-        for layer, count in mask.per_layer_counts().items():
-            stats[f"neft/layer_{layer}_neurons"] = count
         logger.info("NeFT: training %s", mask)
         self.trainer.log(stats)
 
