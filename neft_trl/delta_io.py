@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -83,7 +83,7 @@ def read_neuron_delta(path: str | os.PathLike) -> tuple[dict[str, NeuronDelta], 
                 raise ValueError(f"format is {meta.get('format')!r}, expected {_FORMAT!r}")
             layout = json.loads(meta["neft_trl.modules"])
             deltas = {name: _delta_from_file(f, name, spec) for name, spec in layout.items()}
-    except (KeyError, ValueError, OSError, RuntimeError) as err:
+    except (KeyError, ValueError, OSError, RuntimeError, SafetensorError) as err:
         raise ValueError(f"{str(path)!r} is not a valid neft_trl neuron delta file ({err}).") from err
     return deltas, meta
 
