@@ -31,32 +31,89 @@ def select_neurons(
     selector_kwargs: Mapping[str, Any] | None = None,
     scope: str = "global",
 ) -> NeuronMask:
-    """Score every candidate neuron with the named selector and keep the budget's share of them."""
+    """Score every candidate neuron with the named selector and keep the budget's share of them.
+
+    The selector runs from ``context.seed`` without changing any RNG the caller draws from, and the model's
+    train/eval mode is restored afterwards. A selector that leaves hooks, ``requires_grad`` flags or
+    gradients behind is an error naming it: the training run must start from the model it was given.
+    """
     info = get_selector(selector)
     label = f"{info.name} (from {info.package})"
+    kwargs = dict(selector_kwargs or {})
     try:
-        instance = info.selector_class(**dict(selector_kwargs or {}))
+        instance = info.selector_class(**kwargs)
     except TypeError as err:
-        raise TypeError(f"Bad selector_kwargs for selector {label}: {err}") from err
+        raise TypeError(f"Bad selector_kwargs {sorted(kwargs)} for selector {label}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"Bad selector_kwargs for selector {label}: {err}") from err
     keep = getattr(instance, "keep", "lowest")
+    if keep not in ("lowest", "highest"):
+        raise ValueError(f"Selector {label} declares keep={keep!r}; it must be 'lowest' or 'highest'.")
+    model = context.model
+    before = _model_state(model)
     start = time.perf_counter()
-    try:
-        raw = instance.score(context)
-    except Exception as err:
-        raise RuntimeError(f"Neuron selector {label} failed: {type(err).__name__}: {err}") from err
+    with preserved_rng_state(), _restored_mode(model):
+        _seed_everything(context.seed)
+        try:
+            raw = instance.score(context)
+        except Exception as err:
+            raise RuntimeError(f"Neuron selector {label} failed: {type(err).__name__}: {err}") from err
+    seconds = time.perf_counter() - start
+    _check_untouched(model, before, label)
     scores = validate_scores(context.neuron_map, raw, label)
+    extra = {k: str(v) for k, v in (getattr(instance, "metadata", None) or {}).items()}
     mask = select_top(
         context.neuron_map,
         scores,
         context.budget,
-        parameter_count(context.model),
+        parameter_count(model),
         keep=keep,
         scope=scope,
-        metadata={"selector": info.name, "selector_package": info.package, "seed": str(context.seed)},
+        metadata={**extra, "selector": info.name, "selector_package": info.package, "seed": str(context.seed)},
     )
-    mask.metadata["selection_seconds"] = f"{time.perf_counter() - start:.3f}"
+    mask.metadata["selection_seconds"] = f"{seconds:.3f}"
+    logger.info("NeFT: selector %s scored %d candidates in %.1fs", label, context.neuron_map.num_candidates, seconds)
     log_mask(mask)
     return mask
+
+
+def _seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (every device) so a selector's random draws depend on ``seed`` alone."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextmanager
+def _restored_mode(model: torch.nn.Module) -> Iterator[None]:
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+def _model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """What a selector must not change: hooks on any module, and each parameter's requires_grad and grad."""
+    hooks = sum(len(getattr(m, attr, {})) for m in model.modules() for attr in _HOOK_DICTS)
+    params = {n: (p.requires_grad, p.grad is None) for n, p in model.named_parameters()}
+    return {"hooks": hooks, "params": params}
+
+
+def _check_untouched(model: torch.nn.Module, before: dict[str, Any], label: str) -> None:
+    after = _model_state(model)
+    if after["hooks"] != before["hooks"]:
+        raise RuntimeError(f"Neuron selector {label} left {after['hooks'] - before['hooks']:+d} module hooks on the "
+                           "model: a selector must remove every hook it registers (see neft_trl.selectors.tracing).")
+    changed = [n for n, state in after["params"].items() if state != before["params"].get(n)]
+    if changed:
+        raise RuntimeError(f"Neuron selector {label} changed requires_grad or left .grad on {len(changed)} "
+                           f"parameters (e.g. {changed[0]!r}): a selector must restore them.")
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_state_dict_hooks", "_load_state_dict_pre_hooks")
 
 
 def log_mask(mask: NeuronMask) -> None:
@@ -67,7 +124,6 @@ def log_mask(mask: NeuronMask) -> None:
         f"{mask.trainable_parameters:,}",
     )
     logger.info("NeFT: neurons per layer: %s", mask.per_layer_counts())
-
 
 
 @contextmanager

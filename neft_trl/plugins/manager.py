@@ -24,6 +24,10 @@ _sources: dict[str, str] = {}  # plugin name -> distribution that provides it
 _loaded_entry_points = False
 
 
+class PluginError(ValueError):
+    """A plugin that cannot be used as installed; the message names the plugin, its package and the fix."""
+
+
 @dataclass(frozen=True)
 class SelectorInfo:
     """A selector found through the plugin system, and the package that provides it."""
@@ -34,18 +38,33 @@ class SelectorInfo:
 
 
 def register_plugin(plugin: object, name: str | None = None, package: str = "(registered at runtime)") -> None:
-    """Register a plugin module or object now (tests, notebooks). Its selectors appear immediately."""
-    registered = plugin_manager.register(plugin, name=name)
+    """Register a plugin module or object now (tests, notebooks). Its selectors appear immediately.
+
+    A hook implementation whose name is not a neft_trl hook (a typo such as ``neft_register_selector``) is an
+    error here rather than a plugin that silently never runs.
+    """
+    try:
+        registered = plugin_manager.register(plugin, name=name)
+    except (ValueError, pluggy.PluginValidationError) as err:
+        raise PluginError(f"Plugin {name or plugin!r} from {package!r} cannot be registered: {err}.") from err
     if registered is None:
-        raise ValueError(f"Plugin {name or plugin!r} is already registered.")
+        raise PluginError(f"Plugin {name or plugin!r} is already registered.")
     _sources[registered] = package
+    try:
+        plugin_manager.check_pending()
+    except pluggy.PluginValidationError as err:
+        plugin_manager.unregister(name=registered)
+        del _sources[registered]
+        known = ", ".join(n for n in dir(hookspecs) if n.startswith("neft_"))
+        raise PluginError(f"Plugin {registered!r} from {package!r} implements an unknown hook ({err}). "
+                         f"neft_trl's hooks: {known}.") from err
 
 
 def _load_entry_points() -> None:
+    """Register every ``neft_trl.selectors`` entry point once per process (built-ins always, others unless disabled)."""
     global _loaded_entry_points
     if _loaded_entry_points:
         return
-    _loaded_entry_points = True
     autoload = os.environ.get(AUTOLOAD_ENV, "").lower() not in ("1", "true", "yes")
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         package = ep.dist.name if ep.dist is not None else "?"
@@ -53,7 +72,16 @@ def _load_entry_points() -> None:
             continue
         if plugin_manager.has_plugin(ep.name):
             continue
-        register_plugin(ep.load(), name=ep.name, package=package)
+        try:
+            plugin = ep.load()
+        except Exception as err:
+            raise PluginError(
+                f"The neft_trl plugin {ep.name!r} ({ep.value}) from package {package!r} failed to import: "
+                f"{type(err).__name__}: {err}. Fix or uninstall {package!r}, or set {AUTOLOAD_ENV}=1 to load only "
+                "neft_trl's own selectors."
+            ) from err
+        register_plugin(plugin, name=ep.name, package=package)
+    _loaded_entry_points = True  # only after every plugin loaded: a broken one keeps failing loudly
 
 
 def available_selectors() -> dict[str, SelectorInfo]:
@@ -64,18 +92,36 @@ def available_selectors() -> dict[str, SelectorInfo]:
         package = _sources.get(impl.plugin_name, impl.plugin_name)
 
         def register(selector_class: type, _package: str = package) -> None:
-            name = getattr(selector_class, "name", None)
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"Selector {selector_class!r} from {_package!r} has no string `name` attribute.")
+            _check_selector_class(selector_class, _package)
+            name = selector_class.name
             if name in found:
-                raise ValueError(
+                raise PluginError(
                     f"Two plugins register the selector {name!r}: {found[name].package!r} and {_package!r}. "
                     f"Uninstall one of them, or set {AUTOLOAD_ENV}=1 to load only neft_trl's own selectors."
                 )
             found[name] = SelectorInfo(name, selector_class, _package)
 
-        impl.function(register=register)
+        try:
+            impl.function(register=register)
+        except PluginError:
+            raise
+        except Exception as err:
+            raise PluginError(f"The neft_register_selectors hook of plugin {impl.plugin_name!r} (from {package!r}) "
+                               f"failed: {type(err).__name__}: {err}") from err
     return dict(sorted(found.items()))
+
+
+def _check_selector_class(selector_class: type, package: str) -> None:
+    """What the core relies on: a string ``name``, ``keep`` in lowest/highest, and a callable ``score``."""
+    name = getattr(selector_class, "name", None)
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"Selector {selector_class!r} from {package!r} has no string `name` attribute.")
+    keep = getattr(selector_class, "keep", None)
+    if keep not in ("lowest", "highest"):
+        raise PluginError(f"Selector {name!r} from {package!r} has keep={keep!r}; set the class attribute keep to "
+                         "'lowest' or 'highest' (which scores win).")
+    if not callable(getattr(selector_class, "score", None)):
+        raise PluginError(f"Selector {name!r} from {package!r} has no score(context) method.")
 
 
 def get_selector(name: str) -> SelectorInfo:

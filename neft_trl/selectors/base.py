@@ -7,13 +7,16 @@ whether the lowest (the paper's cosine similarity) or the highest scores win.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..budget import Budget
 from ..neurons import NeuronMap
@@ -31,8 +34,10 @@ class SelectionContext:
         budget: the neuron budget (informational; the core applies it).
         seed: ``args.seed``; selectors that draw random numbers must use a generator seeded from it.
         batches: ``batches(n)`` yields up to ``n`` collated training batches already on the model's device,
-            taken from the trainer's own train dataloader (same tokenization, collator and order).
-        compute_loss: ``compute_loss(model, batch) -> scalar loss`` as the trainer computes it.
+            taken from the trainer's own train dataloader (same tokenization, collator and order). Outside a
+            trainer, a list of ready batches also works (it is cycled).
+        compute_loss: ``compute_loss(model, batch) -> scalar loss`` as the trainer computes it; without it,
+            ``loss`` falls back to the model's own ``outputs.loss`` (the batches then need ``labels``).
         trainer: the trainer, for selectors that need its arguments (optimizer settings for a probe).
         show_progress: whether to draw tqdm bars.
     """
@@ -41,7 +46,7 @@ class SelectionContext:
     neuron_map: NeuronMap
     budget: Budget
     seed: int = 0
-    batches: Callable[[int], Iterator[Batch]] | None = None
+    batches: Callable[[int], Iterator[Batch]] | Sequence[Batch] | None = None
     compute_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None
     trainer: Any = None
     show_progress: bool = True
@@ -50,10 +55,42 @@ class SelectionContext:
     def require_batches(self, selector: str) -> Callable[[int], Iterator[Batch]]:
         if self.batches is None:
             raise ValueError(
-                f"Selector {selector!r} needs training data: give the trainer a train_dataset, or pass "
-                "calibration batches to select_neurons(batches=...)."
+                f"Selector {selector!r} needs training data: give the trainer a train_dataset, or build the "
+                "SelectionContext with batches=[batch, ...] (collated dicts of tensors on the model's device)."
             )
-        return self.batches
+        if callable(self.batches):
+            return self.batches
+        ready = list(self.batches)
+        return lambda count: itertools.islice(itertools.cycle(ready), count if ready else 0)
+
+    def iter_batches(self, count: int, selector: str, desc: str) -> Iterator[Batch]:
+        """``count`` batches under a tqdm bar; an empty data source is an error, not a silent zero score."""
+        if int(count) != count or count < 1:
+            raise ValueError(f"Selector {selector!r}: the number of batches must be a positive integer, got {count!r}.")
+        produced = 0
+        bar = tqdm(total=int(count), desc=desc, unit="batch", disable=not self.show_progress, leave=False)
+        with bar:
+            for batch in self.require_batches(selector)(int(count)):
+                produced += 1
+                yield batch
+                bar.update()
+        if produced == 0:
+            raise ValueError(f"Selector {selector!r} got no batches: the training data (or calibration set) is empty.")
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The training loss of one batch, computed as the trainer computes it (including its autocast)."""
+        batch = dict(batch)  # the trainer's compute_loss may add or pop keys
+        if self.compute_loss is not None:
+            manager = getattr(self.trainer, "compute_loss_context_manager", None)
+            with manager() if manager is not None else contextlib.nullcontext():
+                return self.compute_loss(model, batch)
+        outputs = model(**batch)
+        loss = getattr(outputs, "loss", None)
+        if loss is None:
+            raise ValueError(
+                "The model returned no loss: calibration batches need `labels` (or set SelectionContext.compute_loss)."
+            )
+        return loss
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
@@ -63,11 +100,15 @@ class NeuronSelector(ABC):
     """Base class for selectors (subclassing is optional: the plugin system only needs the attributes).
 
     Subclasses set ``name`` and ``keep`` and implement ``score``. Constructor keyword arguments are the
-    user's ``selector_kwargs``; an unknown keyword is a TypeError naming the selector.
+    user's ``selector_kwargs``; an unknown keyword is a TypeError naming the selector. A selector may fill
+    ``self.metadata`` (string facts such as probe steps or memory) during ``score``; they are saved in the mask.
     """
 
     name: ClassVar[str] = ""
     keep: ClassVar[str] = "lowest"
+
+    def __init__(self) -> None:
+        self.metadata: dict[str, str] = {}
 
     @abstractmethod
     def score(self, context: SelectionContext) -> dict[str, torch.Tensor]:

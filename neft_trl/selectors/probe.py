@@ -1,0 +1,155 @@
+"""The cosine selector's probe: a short fine-tune of the candidate projections that never writes a weight.
+
+Every candidate projection gets a full-size fp32 delta ``D`` (in the layer's own ``[out, in]`` orientation)
+added by a forward hook, ``y = layer(x) + x D^T``; only the deltas train. The base weights are never
+written, so the original model stays bit-identical by construction, and 4-bit/8-bit layers (whose weights
+cannot train) are probed the same way. The deltas train with the trainer's own optimizer class and
+settings, learning-rate schedule (stretched over the probe), gradient accumulation, clipping, autocast and
+batches, which is the paper's "fully fine-tune for K steps" restricted to the weights that are scored.
+
+Not carried over on purpose: weight decay (on a delta it would pull ``W + D`` towards ``W``, not towards 0;
+the paper trains with decay 0) and gradients of non-candidate weights (they are not scored, so the probe
+saves their memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, get_scheduler
+
+from ..layers import features, is_quantized, parameter_count
+from .base import SelectionContext
+from .tracing import frozen, model_mode, removing
+
+logger = logging.getLogger("neft_trl")
+
+#: Learning rate when the probe runs outside a trainer (the paper's fine-tuning rate).
+PAPER_LEARNING_RATE = 2e-5
+#: Default probe length: a tenth of the run's optimizer steps, at most this many.
+MAX_DEFAULT_PROBE_STEPS = 50
+PROBE_SHARE_OF_RUN = 0.1
+
+
+@dataclass
+class ProbeResult:
+    """The trained deltas (module name -> fp32 ``[out, in]``) and what the probe cost."""
+
+    deltas: dict[str, torch.Tensor]
+    steps: int
+    learning_rate: float
+    state_bytes: int  # deltas + their gradients + optimizer state
+    full_finetune_state_bytes: int  # gradients + the same optimizer state for every parameter of the model
+
+
+def default_probe_steps(trainer: Trainer | None) -> int:
+    """``run_steps // 10`` capped at 50, so the probe stays within ~10% of the run; 50 if the run length is unknown."""
+    total = _run_steps(trainer) if trainer is not None else None
+    if total is None:
+        return MAX_DEFAULT_PROBE_STEPS
+    return max(1, min(MAX_DEFAULT_PROBE_STEPS, int(total * PROBE_SHARE_OF_RUN)))
+
+
+def run_probe(context: SelectionContext, steps: int, learning_rate: float | None) -> ProbeResult:
+    """Fine-tune deltas of every candidate projection for ``steps`` optimizer steps; the model is left untouched."""
+    model = context.model
+    deltas = {}
+    for proj in context.neuron_map:
+        in_features, out_features = features(proj.module)
+        deltas[proj.name] = torch.zeros(out_features, in_features, dtype=torch.float32,
+                                        device=proj.module.weight.device, requires_grad=True)
+    optimizer, scheduler, accumulation, max_grad_norm = _optimizer(context, list(deltas.values()), steps,
+                                                                   learning_rate)
+    lr = optimizer.param_groups[0]["lr"] if scheduler is None else scheduler.base_lrs[0]
+    # Reentrant gradient checkpointing only back-propagates into checkpointed blocks whose inputs need grad.
+    input_grads = bool(getattr(model, "is_gradient_checkpointing", False))
+    state_bytes = 0
+    with model_mode(model, training=True), frozen(model, input_grads=input_grads), removing([]) as handles:
+        for proj in context.neuron_map:
+            handles.append(proj.module.register_forward_hook(
+                lambda m, args, out, delta=deltas[proj.name]: _add_delta(delta, args[0], out)))
+        batches = context.iter_batches(steps * accumulation, "cosine", "NeFT cosine probe")
+        for index, batch in enumerate(batches, start=1):
+            loss = context.loss(model, batch) / accumulation
+            loss.backward()
+            if index % accumulation:
+                continue
+            if max_grad_norm and max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(list(deltas.values()), max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            state_bytes = max(state_bytes, _state_bytes(optimizer, deltas))
+            optimizer.zero_grad(set_to_none=True)
+    full_bytes = _full_finetune_bytes(model, optimizer, deltas)
+    del optimizer, scheduler
+    trained = {name: d.detach() for name, d in deltas.items()}
+    logger.info(
+        "NeFT cosine probe: %d steps at lr %.3g; probe state %.1f MiB vs %.1f MiB of gradients + optimizer state "
+        "for a full fine-tune (%.0f%%)", steps, lr, state_bytes / 2**20, full_bytes / 2**20,
+        100 * state_bytes / max(full_bytes, 1),
+    )
+    return ProbeResult(trained, steps, lr, state_bytes, full_bytes)
+
+
+def _add_delta(delta: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    return output + F.linear(x.to(delta.dtype), delta).to(output.dtype)
+
+
+def _optimizer(context: SelectionContext, params: list[torch.Tensor], steps: int, learning_rate: float | None):
+    """The trainer's optimizer class and kwargs, schedule, accumulation and clipping, applied to the deltas."""
+    trainer = context.trainer
+    if trainer is None:
+        optimizer = torch.optim.AdamW(params, lr=learning_rate or PAPER_LEARNING_RATE, weight_decay=0.0)
+        return optimizer, None, 1, 1.0
+    args = trainer.args
+    optimizer_cls, kwargs = (getattr(trainer, "optimizer_cls_and_kwargs", None)
+                             or Trainer.get_optimizer_cls_and_kwargs(args, context.model))
+    kwargs = dict(kwargs)
+    if learning_rate is not None:
+        kwargs["lr"] = learning_rate
+    try:
+        optimizer = optimizer_cls([{"params": params, "weight_decay": 0.0}], **kwargs)
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=args.get_warmup_steps(steps),
+                                  num_training_steps=steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs or {})
+    except Exception as err:
+        raise ValueError(
+            f"The cosine probe cannot reuse the trainer's optimizer/scheduler ({args.optim}, "
+            f"{args.lr_scheduler_type}): {type(err).__name__}: {err}. Pass selector_kwargs={{'reference_model': ...}} "
+            "(an already fine-tuned model) or use a standard torch optimizer (e.g. optim='adamw_torch')."
+        ) from err
+    return optimizer, scheduler, args.gradient_accumulation_steps, args.max_grad_norm
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer, deltas: dict[str, torch.Tensor]) -> int:
+    tensors = [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    tensors += list(deltas.values()) + [d.grad for d in deltas.values() if d.grad is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _full_finetune_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, deltas: dict[str, torch.Tensor]) -> int:
+    """Gradients (in each parameter's dtype) plus the probe's optimizer state per element, for every parameter."""
+    delta_elements = sum(d.numel() for d in deltas.values())
+    state = _state_bytes(optimizer, {})
+    state_per_element = state / max(delta_elements, 1)
+    quantized = {id(m.weight): math.prod(features(m)) for m in model.modules() if is_quantized(m)}
+    grad_bytes = sum(2 * quantized[id(p)] if id(p) in quantized else p.numel() * p.element_size()  # bf16 grads
+                     for p in model.parameters())
+    return int(grad_bytes + state_per_element * parameter_count(model))
+
+
+def _run_steps(trainer: Trainer) -> int | None:
+    """Optimizer steps of the coming run, or None where the data has no length (an iterable dataset)."""
+    args = trainer.args
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    try:
+        batches = len(trainer.get_train_dataloader())
+    except TypeError:
+        return None
+    return max(1, batches // max(args.gradient_accumulation_steps, 1)) * max(1, math.ceil(args.num_train_epochs))
