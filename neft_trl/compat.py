@@ -96,3 +96,28 @@ def load_model_like_trl(
             model_id, revision=kwargs.get("revision"), trust_remote_code=args.trust_remote_code
         )
     return model, processing_class
+
+
+def activation_checkpointing_on(args: Any) -> bool:
+    """Whether the training arguments turn activation (a.k.a. gradient) checkpointing on.
+
+    Newer transformers 5.x renamed ``TrainingArguments.gradient_checkpointing`` to ``activation_checkpointing``
+    and keeps the old name only as a deprecated mirror until v6; 4.57 and 5.0 know only the old name. Reading
+    the new name first keeps NeFT working on both sides of the rename, and after the old name is gone.
+    """
+    value = getattr(args, "activation_checkpointing", None)
+    if value is None:
+        value = getattr(args, "gradient_checkpointing", False)
+    return bool(value)
+
+
+def model_checkpoints_activations(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on for ``model`` (a ``PreTrainedModel``; other modules: ``False``).
+
+    Same rename on the model: ``is_activation_checkpointing`` in newer 5.x, where ``is_gradient_checkpointing``
+    still works but warns on every read; only ``is_gradient_checkpointing`` in 4.57 and 5.0.
+    """
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False

@@ -20,7 +20,12 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTTrainer
 
-from .compat import frozen_during_trl_init, load_model_like_trl, quantized_training_allowed
+from .compat import (
+    activation_checkpointing_on,
+    frozen_during_trl_init,
+    load_model_like_trl,
+    quantized_training_allowed,
+)
 from .config import NeFTConfig
 from .distributed import broadcast_mask
 from .layers import parameter_count
@@ -167,7 +172,7 @@ class NeFTSFTTrainer(SFTTrainer):
         self.neuron_mask = mask
         self.neuron_training = build_training(self.neft_mode, self.model, self.neuron_map, mask)
         self.neuron_training.attach()
-        if self.args.gradient_checkpointing and hasattr(self.model, "enable_input_require_grads"):
+        if activation_checkpointing_on(self.args) and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
 
     # -- Trainer overrides ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, get_scheduler
 
+from ..compat import model_checkpoints_activations
 from ..layers import features, is_quantized, parameter_count
 from .base import SelectionContext
 from .tracing import frozen, model_mode, removing
@@ -67,7 +68,7 @@ def run_probe(context: SelectionContext, steps: int, learning_rate: float | None
                                                                    learning_rate)
     lr = optimizer.param_groups[0]["lr"] if scheduler is None else scheduler.base_lrs[0]
     # Reentrant gradient checkpointing only back-propagates into checkpointed blocks whose inputs need grad.
-    input_grads = bool(getattr(model, "is_gradient_checkpointing", False))
+    input_grads = model_checkpoints_activations(model)
     state_bytes = 0
     with model_mode(model, training=True), frozen(model, input_grads=input_grads), removing([]) as handles:
         for proj in context.neuron_map:
