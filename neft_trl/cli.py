@@ -1,0 +1,278 @@
+"""The ``neft-trl`` command: select neurons, train, and inspect or combine saved neuron masks.
+
+``select`` and ``train`` parse ``HfArgumentParser(RunArguments, NeFTConfig)``, so every ``NeFTConfig`` (and
+``SFTConfig``/``TrainingArguments``) field is a flag with its own help text; nothing is re-declared here.
+``report`` and ``plots`` only read mask files: they need no model. A user mistake (bad flag value, missing
+or unreadable file, masks of different models) ends with exit code 2 and one line naming the fix, the
+argparse convention; a failure during training itself keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from .config import NeFTConfig
+from .mask import MASK_FILENAME, NeuronMask
+from .report import neuron_report
+
+#: ``datasets`` builders for local data files, by suffix.
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+#: Errors that mean "the user gave something unusable" while setting up a run or reading masks.
+USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+
+
+class CLIError(Exception):
+    """A user mistake: printed as one line, exit code 2."""
+
+
+@dataclass
+class RunArguments:
+    """What to load for ``select``/``train``: the model, the data, and optional extras."""
+
+    model_name_or_path: str = field(metadata={"help": "Model folder or hub id (loaded as SFTTrainer does)."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training data: a .json/.jsonl/.csv/.parquet/.txt file, a folder saved with "
+                          "Dataset.save_to_disk, or a `datasets` name. Columns as SFTTrainer expects (text, "
+                          "messages, or prompt/completion). Optional for select with a data-free selector."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a `datasets` name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on / select from."})
+    dataset_test_split: str | None = field(
+        default=None, metadata={"help": "Split of the evaluation data (of --eval_dataset_name, or of --dataset_name)."}
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "Evaluation data from another file, saved folder or name."}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or id (default: the model's own)."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the model 4-bit (bitsandbytes); trains deltas."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the model 8-bit (bitsandbytes); trains deltas."})
+    plot: bool = field(default=False, metadata={"help": "Also write PNG plots of the selection next to the mask."})
+
+
+@dataclass
+class SelectArguments:
+    mask_out: str | None = field(
+        default=None, metadata={"help": f"Where to write the mask (default: OUTPUT_DIR/{MASK_FILENAME})."}
+    )
+
+
+def load_split(source: str, config: str | None, split: str | None) -> Any:
+    """One split of a local file, a saved dataset folder, or a ``datasets`` name.
+
+    A file or a saved single ``Dataset`` has one split, which ``datasets`` names ``train``; ``split=None``
+    asks for that one split and fails on sources with several, naming them.
+    """
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    path = Path(source)
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise CLIError(f"{source!r}: unknown data file type; use one of {', '.join(FILE_BUILDERS)}.")
+        data = load_dataset(builder, data_files=str(path), split="train")
+    elif path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
+        data = load_from_disk(str(path))
+    elif path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")):
+        raise CLIError(f"No such data file or folder: {source!r}.")
+    else:
+        data = load_dataset(source, config) if split is None else load_dataset(source, config, split=split)
+    if isinstance(data, Dataset):
+        if split not in (None, "train"):
+            raise CLIError(f"{source!r} holds one split only, not {split!r}: pass evaluation data as "
+                           "--eval_dataset_name FILE.")
+        return data
+    if not isinstance(data, DatasetDict):
+        raise CLIError(f"{source!r} is a {type(data).__name__}, not a dataset with rows.")
+    if split is None and len(data) == 1:
+        split = next(iter(data))
+    if split not in data:
+        raise CLIError(f"{source!r} has splits {list(data)}; choose one with --dataset_train_split / "
+                       "--dataset_test_split.")
+    return data[split]
+
+
+def build_trainer(run: RunArguments, config: NeFTConfig, need_data: bool) -> Any:
+    """``NeFTSFTTrainer`` for the parsed flags; every setup problem becomes a ``CLIError``."""
+    from transformers import AutoTokenizer, BitsAndBytesConfig
+
+    from .trainer import NeFTSFTTrainer
+
+    if need_data and run.dataset_name is None:
+        raise CLIError("--dataset_name is required: a data file, a saved dataset folder or a `datasets` name.")
+    if run.load_in_4bit and run.load_in_8bit:
+        raise CLIError("Set only one of --load_in_4bit and --load_in_8bit.")
+    kwargs: dict[str, Any] = {}
+    try:
+        if run.dataset_name is not None:
+            kwargs["train_dataset"] = load_split(run.dataset_name, run.dataset_config, run.dataset_train_split)
+        if run.eval_dataset_name or run.dataset_test_split:
+            source = run.eval_dataset_name or run.dataset_name
+            if source is None:
+                raise CLIError("--dataset_test_split needs --dataset_name or --eval_dataset_name.")
+            kwargs["eval_dataset"] = load_split(source, run.dataset_config, run.dataset_test_split)
+        if run.tokenizer_name_or_path:
+            kwargs["processing_class"] = AutoTokenizer.from_pretrained(run.tokenizer_name_or_path)
+        if run.load_in_4bit or run.load_in_8bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=run.load_in_4bit,
+                                                               load_in_8bit=run.load_in_8bit)
+        trainer = NeFTSFTTrainer(run.model_name_or_path, args=config, **kwargs)
+        if config.neuron_mask_path:  # fail now, not after the model is wired for training
+            NeuronMask.load(config.neuron_mask_path).check_fits(trainer.neuron_map)
+    except CLIError:
+        raise
+    except USER_ERRORS as err:
+        raise CLIError(_one_line(err)) from err
+    return trainer
+
+
+# -- commands -------------------------------------------------------------------------------------------
+def _select(run: RunArguments, selection: SelectArguments, config: NeFTConfig) -> None:
+    trainer = build_trainer(run, config, need_data=False)
+    trainer.neuron_mask = trainer.select_neurons()
+    path = trainer.neuron_mask.save(selection.mask_out or Path(config.output_dir) / MASK_FILENAME)
+    _finish(trainer, path, run.plot)
+
+
+def _train(run: RunArguments, config: NeFTConfig) -> None:
+    trainer = build_trainer(run, config, need_data=True)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model()
+    _finish(trainer, Path(config.output_dir) / MASK_FILENAME, run.plot)
+
+
+def _finish(trainer: Any, mask_path: Path, plot: bool) -> None:
+    print(trainer.neuron_report(names=[str(mask_path)]).to_markdown())
+    print(f"Neuron mask: {mask_path}")
+    if plot:
+        for png in _write_plots(trainer.neuron_mask, mask_path.parent, mask_path.stem):
+            print(f"Plot: {png}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    masks = [_load_mask(p) for p in args.masks]
+    try:
+        report = neuron_report(masks[0], masks[1:], names=args.masks)
+    except ValueError as err:
+        raise CLIError(f"{args.masks[0]!r} and the other masks do not match: {_one_line(err)}") from err
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
+    for out, op, word in ((args.union, NeuronMask.__or__, "union"), (args.intersection, NeuronMask.__and__,
+                                                                      "intersection")):
+        if out:
+            combined = reduce(op, masks)
+            combined.metadata.update({"budget": f"{word} of {len(masks)} masks",
+                                      "combined_from": json.dumps(args.masks)})
+            print(f"{word.capitalize()} ({combined.num_selected:,} neurons): {_save_mask(combined, out)}",
+                  file=sys.stderr if args.json else sys.stdout)
+
+
+def _plots(args: argparse.Namespace) -> None:
+    labels = [_label(p) for p in args.masks]
+    for i, (source, label) in enumerate(zip(args.masks, labels, strict=True)):
+        label = label if labels.count(label) == 1 else f"{label}_{i}"
+        for png in _write_plots(_load_mask(source), Path(args.out), label):
+            print(f"Plot: {png}")
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+def _write_plots(mask: NeuronMask, folder: Path, label: str) -> list[Path]:
+    try:
+        from .plots import plot_heatmap, plot_layer_counts
+    except ImportError as err:
+        raise CLIError(f"Plots need matplotlib ({err}): pip install 'neft-trl[plots]'.") from err
+    return [plot_heatmap(mask, folder / f"{label}_heatmap.png"),
+            plot_layer_counts(mask, folder / f"{label}_layers.png")]
+
+
+def _label(source: str) -> str:
+    path = Path(source)
+    if path.is_dir():
+        return path.resolve().name
+    return path.resolve().parent.name if path.name == MASK_FILENAME else path.stem
+
+
+def _load_mask(source: str) -> NeuronMask:
+    try:
+        return NeuronMask.load(source)
+    except USER_ERRORS as err:
+        raise CLIError(f"Cannot read neuron mask {source!r}: {_one_line(err)}") from err
+    except Exception as err:  # safetensors raises its own error type for a corrupt header
+        raise CLIError(f"Cannot read neuron mask {source!r}: {type(err).__name__}: {_one_line(err)}") from err
+
+
+def _save_mask(mask: NeuronMask, out: str) -> Path:
+    try:
+        return mask.save(out)
+    except OSError as err:
+        raise CLIError(f"Cannot write {out!r}: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _dataclasses(ns: argparse.Namespace, types: Sequence[type]) -> list[Any]:
+    """Build the dataclasses from the parsed flags, as ``HfArgumentParser.parse_args_into_dataclasses`` does."""
+    values = vars(ns)
+    objects = []
+    for dtype in types:
+        names = {f.name for f in dataclasses.fields(dtype) if f.init}
+        try:
+            objects.append(dtype(**{k: v for k, v in values.items() if k in names}))
+        except USER_ERRORS as err:
+            raise CLIError(_one_line(err)) from err
+    return objects
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neft-trl", description="Neuron-Level Fine-Tuning (NeFT) for TRL: select, train, report, plot.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+
+    def add(name: str, help: str, types: list[type], run: Callable[..., None]) -> HfArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, dataclass_types=types)
+        for action in sub._actions:  # argparse %-formats help text: a field's "6%" would crash --help
+            if action.help and action.help is not argparse.SUPPRESS:
+                action.help = action.help.replace("%", "%%")
+        sub.set_defaults(run=lambda ns: run(*_dataclasses(ns, types)) if types else run(ns))
+        return sub
+
+    add("select", "Select neurons with a selector and write the mask; no training.",
+        [RunArguments, SelectArguments, NeFTConfig], _select)
+    add("train", "Fine-tune the selected neurons (like `trl sft`), then save the model and its mask.",
+        [RunArguments, NeFTConfig], _train)
+    report = add("report", "Per-layer counts of masks, their overlap and Jaccard; union/intersection.", [], _report)
+    report.add_argument("masks", nargs="+", metavar="MASK", help=f"{MASK_FILENAME} files or folders holding one.")
+    report.add_argument("--json", action="store_true", help="Print the numbers as JSON instead of tables.")
+    report.add_argument("--union", metavar="OUT", help="Write the union of all masks to OUT.")
+    report.add_argument("--intersection", metavar="OUT", help="Write the intersection of all masks to OUT.")
+    plots = add("plots", "Write a heatmap and a per-layer bar chart (PNG) for each mask.", [], _plots)
+    plots.add_argument("masks", nargs="+", metavar="MASK", help=f"{MASK_FILENAME} files or folders holding one.")
+    plots.add_argument("--out", required=True, metavar="DIR", help="Folder for the PNG files.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except CLIError as err:
+        print(f"neft-trl {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
