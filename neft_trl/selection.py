@@ -57,7 +57,9 @@ def select_neurons(
         try:
             raw = instance.score(context)
         except Exception as err:
-            raise RuntimeError(f"Neuron selector {label} failed: {type(err).__name__}: {err}") from err
+            # a bad input stays a ValueError/TypeError (the message names the fix); anything else is a plugin bug
+            kind = type(err) if type(err) in (ValueError, TypeError) else RuntimeError
+            raise kind(f"Neuron selector {label} failed: {type(err).__name__}: {err}") from err
     seconds = time.perf_counter() - start
     _check_untouched(model, before, label)
     scores = validate_scores(context.neuron_map, raw, label)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..layers import is_quantized
+
 
 @contextmanager
 def removing(handles: list[RemovableHandle]) -> Iterator[list[RemovableHandle]]:
@@ -28,9 +30,16 @@ def removing(handles: list[RemovableHandle]) -> Iterator[list[RemovableHandle]]:
 
 @contextmanager
 def model_mode(model: nn.Module, training: bool) -> Iterator[None]:
-    """Put the model in train or eval mode for the block; restore every submodule's own flag afterwards."""
+    """Put the model in train or eval mode for the block; restore every submodule's own flag afterwards.
+
+    Quantized layers stay in train mode: they have no dropout, and in eval mode without input gradients
+    bitsandbytes (0.50, CPU) repacks 4-bit weights in place, which would change the frozen model.
+    """
     flags = [(m, m.training) for m in model.modules()]
     model.train(training)
+    for module in model.modules():
+        if is_quantized(module):
+            module.training = True
     try:
         yield
     finally:
