@@ -1,11 +1,29 @@
-"""Multi-process agreement: every rank must train the same neurons.
+"""Multi-process training: every rank trains the same neurons, and setups that cannot do that are refused.
 
-Selection runs on the main process only; the resulting mask is broadcast to all ranks, so data-driven
-selectors need not be deterministic across processes.
+Selection: EVERY rank runs the selector, in lockstep, on its own shard of the trainer's prepared train
+dataloader; then rank 0's mask is broadcast and every rank trains exactly that mask. Rank 0 alone cannot
+select, because selection is full of collectives that all ranks must enter together: the trainer's
+``compute_loss`` gathers its metrics across ranks (TRL's ``SFTTrainer`` calls ``gather_for_metrics``),
+accelerate's dataloaders may synchronise RNG states or dispatch batches from rank 0, and a third-party
+selector may call anything. On rank 0 only, any of these would hang the job (seen with a data-driven
+selector under ``torchrun``). The other ranks' selections cost no wall time (they would otherwise wait)
+and are discarded; a rank whose own selection differed logs by how much. Scores are not averaged across
+ranks: a selector's score need not be averageable (ranks, cosines of separate probes), and rank 0's mask
+is exactly what the selector returned. Data-driven selectors thus score rank 0's shard of the data: the
+same number of batches of the same per-device size as on one process. Plugin authors: make the same
+number of ``compute_loss`` calls on every rank (a fixed batch count, no data-dependent early exit).
+The cosine probe trains its own deltas on the unwrapped model with its own optimizer: no DDP hooks and
+no gradient all-reduce, so it never waits on another rank.
+
+Sharded training: ``hooks`` mode masks rows of the original weights through tensor hooks, which FSDP
+(flat or DTensor parameters, hooks lost when parameters are replaced) and DeepSpeed ZeRO-3 (partitioned
+parameters) break, so they are refused with the settings that work. See ``check_sharded_setup``.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
@@ -13,16 +31,93 @@ import torch
 from .mask import NeuronMask
 from .neurons import NeuronMap
 
+logger = logging.getLogger("neft_trl")
 
-def broadcast_mask(mask: NeuronMask | None, neuron_map: NeuronMap, accelerator: Any) -> NeuronMask:
-    """Send the main process's mask to every rank (``mask`` is ``None`` on the other ranks)."""
+LAUNCHERS = (
+    "On CPU: torchrun --nproc_per_node N train.py with NeFTConfig(use_cpu=True, ddp_backend='gloo'). "
+    "On GPUs: torchrun --nproc_per_node N train.py, or accelerate launch --num_processes N train.py."
+)
+
+
+def check_launch(accelerator: Any) -> None:
+    """Refuse a job launched as several processes in which each process would train alone.
+
+    ``torchrun`` sets ``WORLD_SIZE``; if accelerate nevertheless ends up with one process (on a CPU machine
+    without ``use_cpu=True`` it picks ``DistributedType.NO``), every rank silently trains its own model on
+    all the data and the ranks diverge.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world_size > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"Launched as {world_size} processes (WORLD_SIZE={world_size}) but accelerate set up "
+            f"{accelerator.distributed_type} with 1 process, so each process would train alone and the ranks would "
+            f"diverge. {LAUNCHERS} Or run a single process (python train.py)."
+        )
+
+
+def check_sharded_setup(trainer: Any, mode: str) -> None:
+    """Refuse FSDP and DeepSpeed setups where the training mode cannot hold the mask (see the README section).
+
+    - FSDP (1 or 2): both modes are refused. FSDP replaces or flattens the parameters, so hooks mode's
+      gradient hooks are lost or cannot mask rows of a flat parameter; delta mode's deltas are only
+      created in ``create_optimizer``, after FSDP1 has already wrapped the model (its optimizer creation is
+      delayed), so FSDP would never shard or reduce them.
+    - DeepSpeed ZeRO-3 partitions every weight, so neither selection (which reads whole weights) nor the
+      masks fit: refused. ZeRO-0/1/2 keep whole weights on every rank and work in both modes, except:
+      an ``optimizer`` section in the DeepSpeed config (DeepSpeed would build it over every parameter
+      before NeFT selects: a silent full fine-tune), and hooks mode with ``weight_decay > 0`` (DeepSpeed
+      steps flat fp32 copies, so the decay hooks mode applies to the selected neurons would be skipped).
+    """
+    args = trainer.args
+    if getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            "NeFT does not support FSDP: FSDP flattens or re-creates the parameters, so hooks mode cannot mask their "
+            "rows, and delta mode's neuron deltas would be created after FSDP wrapped the model. NeFT trains a few "
+            "neurons, so gradients and optimizer state are small: use DDP (drop fsdp/fsdp_config; "
+            f"{LAUNCHERS}), or DeepSpeed ZeRO-2 (deepspeed=... with zero_optimization.stage <= 2) to shard the rest."
+        )
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return
+    config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if not isinstance(stage, int):
+        raise ValueError(f"DeepSpeed zero_optimization.stage is {stage!r}: set it to 0, 1 or 2 (NeFT refuses ZeRO-3).")
+    if stage >= 3:
+        raise ValueError(
+            "NeFT does not support DeepSpeed ZeRO-3: it partitions every weight, so neurons can be neither scored "
+            "(selection reads whole weight rows) nor masked. Use zero_optimization.stage 2 (or 1): NeFT's "
+            "gradients and optimizer state are already small, and ZeRO-2 shards them."
+        )
+    if "optimizer" in config:
+        raise ValueError(
+            "Remove the 'optimizer' section from the DeepSpeed config: DeepSpeed would build that optimizer over "
+            "every parameter before NeFT selects its neurons (a silent full fine-tune). Set the optimizer through "
+            "NeFTConfig (optim, learning_rate, weight_decay) and NeFT builds it over the selected neurons."
+        )
+    if mode == "hooks" and args.weight_decay:
+        raise ValueError(
+            f"neft_mode='hooks' with weight_decay={args.weight_decay} under DeepSpeed: DeepSpeed steps flat fp32 "
+            "copies of the weights, so the decay that hooks mode applies to the selected neurons only would be "
+            "skipped. Use weight_decay=0 (the paper's setting) or neft_mode='delta'."
+        )
+
+
+def broadcast_mask(mask: NeuronMask, neuron_map: NeuronMap, accelerator: Any) -> NeuronMask:
+    """Every rank passes its own mask; every rank gets rank 0's (see the module docstring for why all select)."""
+    if accelerator.num_processes == 1:
+        return mask
     import torch.distributed as dist
 
-    payload = [None]
-    if accelerator.is_main_process:
-        payload = [(mask.selected, mask.info, mask.metadata)]
+    payload = [(mask.selected, mask.info, mask.metadata) if accelerator.is_main_process else None]
     dist.broadcast_object_list(payload, src=0)
     selected, info, metadata = payload[0]
     received = NeuronMask({n: torch.as_tensor(t) for n, t in selected.items()}, info, metadata)
     received.check_fits(neuron_map)
+    if not accelerator.is_main_process and received != mask:
+        differing = sum(int((received.selected[n] != mask.selected[n]).sum()) for n in received.selected
+                        if n in mask.selected and mask.selected[n].shape == received.selected[n].shape)
+        logger.info(
+            "NeFT: rank %d's own selection differed from rank 0's in %d neurons (it scored another shard of the "
+            "data); every rank trains rank 0's mask.", accelerator.process_index, differing,
+        )
     return received

@@ -27,7 +27,7 @@ from .compat import (
     quantized_training_allowed,
 )
 from .config import NeFTConfig
-from .distributed import broadcast_mask
+from .distributed import broadcast_mask, check_launch, check_sharded_setup
 from .layers import parameter_count
 from .mask import MASK_FILENAME, NeuronMask
 from .neurons import NeuronMap, build_neuron_map
@@ -95,6 +95,8 @@ class NeFTSFTTrainer(SFTTrainer):
             self.model, args.neuron_unit, args.include_gate, args.neuron_modules
         )
         self.neft_mode = resolve_mode(args.neft_mode, self.neuron_map)
+        check_launch(self.accelerator)
+        check_sharded_setup(self, self.neft_mode)
         self.model_parameter_count = parameter_count(self.model)  # before a training mode adds any deltas
         self.neuron_mask: NeuronMask | None = neuron_mask
         self.neuron_training: NeuronTraining | None = None
@@ -161,13 +163,10 @@ class NeFTSFTTrainer(SFTTrainer):
                 return mask
             if source and source == self.args.neuron_mask_path:
                 raise FileNotFoundError(f"neuron_mask_path={source!r} holds no {MASK_FILENAME}.")
-        if self.accelerator.num_processes > 1:
-            return broadcast_mask(self.select_neurons() if self.accelerator.is_main_process else None,
-                                  self.neuron_map, self.accelerator)
-        return self.select_neurons()
+        return self.select_neurons()  # on every rank: see distributed.py for why
 
     def _prepare_neurons(self) -> None:
-        mask = self._resolve_mask()
+        mask = broadcast_mask(self._resolve_mask(), self.neuron_map, self.accelerator)  # rank 0's, on every rank
         mask.check_fits(self.neuron_map)
         self.neuron_mask = mask
         self.neuron_training = build_training(self.neft_mode, self.model, self.neuron_map, mask)
