@@ -91,7 +91,9 @@ class NeuronReport:
 
 
 def summarize(mask: NeuronMask, name: str = "mask", total_parameters: int | None = None) -> MaskSummary:
-    """Count one mask per layer and role."""
+    """Count one mask per layer and role. ``total_parameters`` defaults to the count the mask was saved with."""
+    if total_parameters is None and mask.metadata.get("model_parameters", "").isdigit():
+        total_parameters = int(mask.metadata["model_parameters"])
     per_layer: dict[int, dict[str, int]] = {}
     candidates: dict[int, dict[str, int]] = {}
     for module, selected in mask.selected.items():

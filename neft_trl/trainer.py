@@ -126,6 +126,7 @@ class NeFTSFTTrainer(SFTTrainer):
             self._metrics = saved_metrics
         if saved_tokens is not None:
             self._total_train_tokens = saved_tokens
+        mask.metadata.setdefault("model_parameters", str(self.model_parameter_count))  # for reports: the x%
         return mask
 
     def neuron_report(self, *other_masks: NeuronMask, names: list[str] | None = None) -> NeuronReport:

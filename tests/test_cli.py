@@ -55,6 +55,8 @@ def test_select_writes_the_mask_report_and_plots(workdir):
     assert a.num_selected == 40 and a.metadata["selector"] == "random" and a.metadata["seed"] == "3"
     assert b.num_selected == round(0.25 * b.num_total) and a != b
     assert a.num_total == 2 * 2 * 48  # 2 layers x (up rows + down columns) x intermediate 48
+    total = sum(p.numel() for p in make_model("llama").parameters())
+    assert a.metadata["model_parameters"] == str(total)  # so reports can show the paper's x% later
     out = (workdir / "select_a.out").read_text()
     assert "| 40 | 20.83% |" in out  # 40 of 192 candidates
     for layer, count in a.per_layer_counts().items():
@@ -73,6 +75,8 @@ def test_report_numbers_union_and_intersection(workdir, capsys):
     assert [m["num_selected"] for m in data["masks"]] == [a.num_selected, b.num_selected]
     assert data["overlap"][0][1] == pytest.approx(a.overlap(b)) and data["overlap"][1][0] == pytest.approx(b.overlap(a))
     assert data["jaccard"][0][1] == pytest.approx((a & b).num_selected / (a | b).num_selected)
+    total = int(a.metadata["model_parameters"])
+    assert data["masks"][0]["parameter_share"] == pytest.approx(a.trainable_parameters / total)
     per_layer = {int(k): sum(v.values()) for k, v in data["masks"][0]["per_layer"].items()}
     assert per_layer == a.per_layer_counts()
     union, inter = NeuronMask.load(workdir / "u.safetensors"), NeuronMask.load(workdir / "i.safetensors")
@@ -146,3 +150,20 @@ def test_bad_setup_exits_2_with_one_line(workdir, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"neft-trl {argv[0]}: error: ") and message in err, err
+
+
+def test_load_split_reads_files_and_saved_folders(tmp_path):
+    from datasets import DatasetDict
+
+    from neft_trl.cli import CLIError, load_split
+
+    data = make_dataset(6)
+    data.to_csv(tmp_path / "d.csv", index=False)
+    assert load_split(str(tmp_path / "d.csv"), None, "train")["text"] == data["text"]
+    DatasetDict({"train": data, "test": make_dataset(3, seed=1)}).save_to_disk(tmp_path / "saved")
+    assert load_split(str(tmp_path / "saved"), None, "test")["text"] == make_dataset(3, seed=1)["text"]
+    with pytest.raises(CLIError, match=r"has splits \['train', 'test'\]"):
+        load_split(str(tmp_path / "saved"), None, None)
+    (tmp_path / "d.xml").write_text("<a/>")
+    with pytest.raises(CLIError, match="unknown data file type"):
+        load_split(str(tmp_path / "d.xml"), None, "train")
