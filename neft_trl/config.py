@@ -35,12 +35,12 @@ class NeFTConfig(SFTConfig):
     )
     param_ratio: float | None = field(
         default=None,
-        metadata={"help": "Budget as a share of ALL model parameters, as in the paper (0.06 = NeFT 6%). The "
-                          "default (0.06) applies when no budget is set. Set only one of param_ratio, neuron_ratio "
+        metadata={"help": "Budget as a share of ALL model parameters, as in the paper (0.06 = NeFT 6 percent). "
+                          "The default (0.06) applies when no budget is set. Set only one of param_ratio, neuron_ratio "
                           "and num_neurons."},
     )
     neuron_ratio: float | None = field(
-        default=None, metadata={"help": "Budget as a share of the candidate neurons (0.1 = 10% of them)."}
+        default=None, metadata={"help": "Budget as a share of the candidate neurons (0.1 = a tenth of them)."}
     )
     num_neurons: int | None = field(default=None, metadata={"help": "Budget as a number of candidate neurons."})
     neuron_unit: str = field(
