@@ -159,3 +159,9 @@ def test_resume_gives_the_same_deltas_as_an_uninterrupted_run(tmp_path):
     assert resumed.state.global_step == 4 and resumed.neuron_mask == full.neuron_mask
     for name, delta in full.neuron_training.deltas.items():
         torch.testing.assert_close(resumed.neuron_training.deltas[name].weight, delta.weight, rtol=0, atol=1e-7)
+
+
+def test_auto_mode_picks_hooks_in_full_precision(tmp_path):
+    args = tiny_args(tmp_path, selector="random")
+    trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), args=args, processing_class=make_tokenizer())
+    assert trainer.neft_mode == "hooks"
