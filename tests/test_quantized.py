@@ -107,3 +107,9 @@ def test_quantized_delta_loads_onto_a_fresh_base_and_merges_to_full_precision(tm
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")  # plain, no quantization config
     assert getattr(reloaded.config, "quantization_config", None) is None
     torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_reaches_the_deltas(tmp_path, base_path):
+    trainer = _trainer(tmp_path, base_path, "nf4-double", gradient_checkpointing=True, max_steps=2)
+    trainer.train()
+    assert all(d.weight.abs().sum() > 0 for d in trainer.neuron_training.deltas.values())
