@@ -41,6 +41,7 @@ class ScriptArgs:
     optim: str = field(default="adamw_torch", metadata={"help": "optimizer (sgd makes a wrong gradient scale show)."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (frozen neurons must not decay)."})
     mask_path: str | None = field(default=None, metadata={"help": "Train this saved mask instead of selecting."})
+    find_unused: bool = field(default=False, metadata={"help": "ddp_find_unused_parameters (NeFT needs False only)."})
     use_cpu: bool = field(default=True, metadata={"help": "TrainingArguments.use_cpu (False shows the silent case)."})
 
 
@@ -79,7 +80,7 @@ def train_and_report(script: ScriptArgs) -> None:
         optim=script.optim, weight_decay=script.weight_decay, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=script.use_cpu, ddp_backend="gloo" if script.use_cpu and launched_by_torchrun else None, seed=0,
         max_length=32, disable_tqdm=True, dataloader_num_workers=0, neft_mode=script.mode, selector=script.selector,
-        neuron_ratio=0.25, neuron_mask_path=script.mask_path,
+        neuron_ratio=0.25, neuron_mask_path=script.mask_path, ddp_find_unused_parameters=script.find_unused,
     )
     trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(32), args=args, processing_class=make_tokenizer())
     trainer.train()
