@@ -165,3 +165,17 @@ def test_auto_mode_picks_hooks_in_full_precision(tmp_path):
     args = tiny_args(tmp_path, selector="random")
     trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), args=args, processing_class=make_tokenizer())
     assert trainer.neft_mode == "hooks"
+
+
+def test_load_best_model_at_end_loads_the_best_deltas(tmp_path):
+    args = tiny_args(tmp_path, selector="random", neuron_ratio=0.25, neft_mode="delta", max_steps=4,
+                     save_strategy="steps", save_steps=2, eval_strategy="steps", eval_steps=2,
+                     load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True)
+    trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), eval_dataset=make_dataset(8, seed=1), args=args,
+                             processing_class=make_tokenizer())
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-2")  # the highest eval loss is "best" here: not the final deltas
+    saved, _ = read_neuron_delta(best)
+    for name, delta in trainer.neuron_training.deltas.items():
+        assert torch.equal(delta.weight.detach().cpu(), saved[name].weight)
