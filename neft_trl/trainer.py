@@ -142,16 +142,17 @@ class NeFTSFTTrainer(SFTTrainer):
         """``count`` batches from the trainer's own train dataloader, cycling over it if it is shorter."""
         dataloader = self.get_train_dataloader()
         produced = 0
-        for _ in itertools.count():
-            empty = True
-            for batch in dataloader:
-                empty = False
-                if produced >= count:
+        try:
+            while produced < count:
+                before = produced
+                for batch in itertools.islice(dataloader, count - produced):
+                    produced += 1
+                    yield self._prepare_inputs(batch)
+                if produced == before:  # an empty dataloader
                     return
-                produced += 1
-                yield self._prepare_inputs(batch)
-            if empty or produced >= count:
-                return
+        finally:
+            # stopping early leaves accelerate's dataloader registered as active in its GradientState
+            getattr(dataloader, "end", lambda: None)()
 
     def _resolve_mask(self) -> NeuronMask:
         """The mask to train: one already set, the resumed checkpoint's, ``neuron_mask_path``, or a new selection."""
