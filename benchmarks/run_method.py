@@ -1,0 +1,236 @@
+"""Run ONE benchmark method in this process and write its numbers as JSON.
+
+    python -m benchmarks.run_method --method neft-delta-cosine --learning_rate 1e-3 --seed 0 --output r.json
+
+One method per process, so that peak RSS (``resource.getrusage``) belongs to that method alone. The driver
+(``benchmarks/compare.py``) starts one of these per method, learning rate and seed. Every method gets the
+same model (SmolLM2-135M-Instruct by default, fp32 or 4-bit nf4), the same data (Django En->X pairs with a
+fixed held-out test split and a small dev split for choosing the learning rate), the same optimizer
+(AdamW, linear decay, no warmup, weight decay 0, no dropout, no gradient checkpointing) and the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser
+
+from neft_trl.budget import Budget
+from neft_trl.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
+from neft_trl.evaluation import evaluate_translations
+from neft_trl.models import load_model_and_tokenizer
+
+from .measure import StepTimer, peak_rss_mb
+from .methods import Method, lora_rank_for, neft_trainable_parameters, parse_method
+
+logger = logging.getLogger("benchmarks")
+SPLIT_SEED = 0  # the data split never changes with the training seed: every run sees the same test pairs
+
+
+@dataclass
+class RunArguments:
+    """One run: a method, its learning rate and seed, and the shared setting every method gets."""
+
+    method: str = field(metadata={"help": "full, lora, qlora, neft-hooks-<sel>, neft-delta-<sel>, qneft-delta-<sel>, "
+                                          "base or qbase (see benchmarks/methods.py)."})
+    output: str = field(metadata={"help": "Where to write the JSON result."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW, linear decay)."})
+    seed: int = field(default=0, metadata={"help": "Training seed (selection, data order, init)."})
+    model: str | None = field(default=None, metadata={"help": "Model id/folder/.gguf; default SmolLM2-135M-Instruct."})
+    dataset: str | None = field(default=None, metadata={"help": "A pairs file (.json/.jsonl/.csv/.parquet) instead "
+                                                                 "of the Django catalogs."})
+    source_column: str = field(default="source", metadata={"help": "Source column of --dataset."})
+    target_column: str = field(default="target", metadata={"help": "Target column of --dataset."})
+    lang: str = field(default="de", metadata={"help": "Target language (Django locale code, or a name)."})
+    max_chars: int = field(default=60, metadata={"help": "Drop Django pairs longer than this."})
+    test_size: int = field(default=200, metadata={"help": "Held-out test pairs (eval loss, chrF)."})
+    dev_size: int = field(default=60, metadata={"help": "Dev pairs from the train side, for the learning-rate sweep."})
+    chat: bool | None = field(default=None, metadata={"help": "Chat prompts (default: if the tokenizer has a "
+                                                               "chat template)."})
+    max_steps: int = field(default=40, metadata={"help": "Optimizer steps."})
+    batch_size: int = field(default=8, metadata={"help": "Train batch size."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Eval and generation batch size."})
+    eval_steps: int = field(default=10, metadata={"help": "Held-out eval loss every this many steps (the curve); "
+                                                            "0: only before and after training."})
+    max_length: int = field(default=128, metadata={"help": "Max tokens per training example."})
+    param_ratio: float = field(default=0.018, metadata={"help": "NeFT budget (share of all parameters); LoRA's "
+                                                                "rank is chosen to match it."})
+    selector_kwargs: str | None = field(default=None, metadata={"help": "JSON kwargs for the NeFT selector."})
+    generate: bool = field(default=True, metadata={"help": "Measure chrF/BLEU by greedy generation after training."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Generation length limit for chrF."})
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's choice)."})
+
+
+def build_datasets(args: RunArguments, chat: bool) -> tuple[Any, Any, Any]:
+    """``(train, dev, test)`` prompt-completion datasets with ``source``/``target`` columns."""
+    pairs = (load_pairs_file(args.dataset, args.source_column, args.target_column) if args.dataset
+             else django_pairs(args.lang, max_chars=args.max_chars))
+    train, test = split_pairs(pairs, args.test_size, seed=SPLIT_SEED)
+    train, dev = split_pairs(train, args.dev_size, seed=SPLIT_SEED)
+    target = language_name(args.lang)
+    return tuple(to_prompt_completion(p, target, conversational=chat) for p in (train, dev, test))
+
+
+def load_model(args: RunArguments, method: Method):
+    kwargs = {}
+    if method.quantized:
+        from transformers import BitsAndBytesConfig
+
+        # fp32 compute on CPU for both 4-bit methods; nf4 + double quantization as in the QLoRA paper.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    return load_model_and_tokenizer(args.model, dtype=torch.float32, show_progress=False, **kwargs)
+
+
+def training_config(args: RunArguments, method: Method, output_dir: str) -> Any:
+    """The same ``SFTConfig`` settings for every method (a ``NeFTConfig`` for NeFT, with its budget)."""
+    from trl import SFTConfig
+
+    from neft_trl import NeFTConfig
+
+    common = dict(
+        output_dir=output_dir, max_steps=args.max_steps, learning_rate=args.learning_rate, lr_scheduler_type="linear",
+        warmup_steps=0, weight_decay=0.0, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.eval_batch_size, max_length=args.max_length, gradient_checkpointing=False,
+        eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,
+        logging_steps=args.eval_steps or args.max_steps, save_strategy="no",
+        report_to=[], seed=args.seed, data_seed=args.seed, dataloader_num_workers=0, disable_tqdm=True,
+        bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
+    )
+    if method.family == "base":  # only evaluates; NeFT's trainer because it accepts a 4-bit model without adapter
+        return NeFTConfig(**common, selector="random", param_ratio=args.param_ratio)
+    if method.family != "neft":
+        return SFTConfig(**common)
+    return NeFTConfig(**common, neft_mode=method.mode, selector=method.selector, param_ratio=args.param_ratio,
+                      selector_kwargs=args.selector_kwargs)
+
+
+def build_trainer(args: RunArguments, method: Method, model: Any, tokenizer: Any, data: tuple, output_dir: str,
+                  timer: StepTimer) -> tuple[Any, dict[str, Any]]:
+    """The method's trainer and the facts that describe its setup (LoRA rank, NeFT budget in parameters)."""
+    from trl import SFTTrainer
+
+    from neft_trl import NeFTSFTTrainer
+
+    train, _, test = data
+    config = training_config(args, method, output_dir)
+    common = dict(args=config, train_dataset=train, eval_dataset=test, processing_class=tokenizer, callbacks=[timer])
+    budget_params = neft_trainable_parameters(model, Budget.resolve(param_ratio=args.param_ratio))
+    facts: dict[str, Any] = {"neft_budget_parameters": budget_params}
+    if method.family in ("neft", "base"):
+        return NeFTSFTTrainer(model, **common), facts
+    if method.family == "lora":
+        from peft import LoraConfig
+
+        rank = lora_rank_for(model, budget_params)
+        facts["lora_rank"] = rank
+        peft_config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                                 task_type="CAUSAL_LM")
+        return SFTTrainer(model, peft_config=peft_config, **common), facts
+    return SFTTrainer(model, **common), facts
+
+
+def trainable_parameters(trainer: Any) -> int:
+    """What the method trains: NeFT's selected neurons (hooks mode marks whole weights trainable), else
+    every parameter with ``requires_grad``."""
+    training = getattr(trainer, "neuron_training", None)
+    if training is not None:
+        return training.trainable_parameter_count()
+    return sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+
+def eval_curve(trainer: Any, before: float) -> list[tuple[int, float]]:
+    """``[(step, held-out eval loss)]`` from the Trainer's log history, starting at step 0."""
+    points = [(0, before)] + [(int(e["step"]), float(e["eval_loss"])) for e in trainer.state.log_history
+                              if "eval_loss" in e]
+    return sorted(dict(points).items())
+
+
+def record_has_final_eval(trainer: Any, step: int) -> bool:
+    return any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history)
+
+
+def run(args: RunArguments) -> dict[str, Any]:
+    """Train (or, for ``base``, only evaluate) one method and return its result record."""
+    method = parse_method(args.method)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    logger.info("%s lr=%g seed=%d: loading the model", method.name, args.learning_rate, args.seed)
+    model, tokenizer = load_model(args, method)
+    chat = args.chat if args.chat is not None else getattr(tokenizer, "chat_template", None) is not None
+    data = build_datasets(args, chat)
+    timer = StepTimer()
+    record: dict[str, Any] = {"method": method.name, "family": method.family, "quantized": method.quantized,
+                              "mode": method.mode, "selector": method.selector, "learning_rate": args.learning_rate,
+                              "seed": args.seed, "max_steps": args.max_steps, "batch_size": args.batch_size,
+                              "train_pairs": len(data[0]), "dev_pairs": len(data[1]), "test_pairs": len(data[2]),
+                              "torch_threads": torch.get_num_threads(), "settings": asdict(args)}
+    with tempfile.TemporaryDirectory(prefix="neft-bench-") as output_dir:
+        trainer, facts = build_trainer(args, method, model, tokenizer, data, output_dir, timer)
+        record.update(facts)
+        logger.info("%s: eval before (%.0fs)", method.name, time.perf_counter() - started)
+        before = trainer.evaluate()["eval_loss"]
+        record["eval_loss_before"] = before
+        if method.family != "base":
+            logger.info("%s: training %d steps (%.0fs)", method.name, args.max_steps, time.perf_counter() - started)
+            train_start = time.perf_counter()
+            trainer.train()
+            record["train_seconds"] = time.perf_counter() - train_start
+            record["peak_rss_mb"] = timer.peak_rss_mb
+            record["peak_cuda_mb"] = timer.peak_cuda_mb or None
+            record["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            record["step_seconds"] = timer.seconds
+            record["median_step_seconds"] = timer.median()
+            record["trainable_parameters"] = trainable_parameters(trainer)
+            mask = getattr(trainer, "neuron_mask", None)
+            record["selection_seconds"] = float(mask.metadata["selection_seconds"]) if mask is not None else 0.0
+            if not record_has_final_eval(trainer, args.max_steps):
+                trainer.evaluate()  # the curve's last point is the trained model's loss
+            record["eval_curve"] = eval_curve(trainer, before)
+            record["eval_loss_after"] = record["eval_curve"][-1][1]
+            record["dev_loss_after"] = trainer.evaluate(data[1], metric_key_prefix="dev")["dev_loss"]
+        else:
+            record.update(peak_rss_mb=peak_rss_mb(), trainable_parameters=0, eval_curve=[(0, before)])
+        if args.generate:
+            logger.info("%s: generating (%.0fs)", method.name, time.perf_counter() - started)
+            scores, hypotheses = evaluate_translations(trainer.model, tokenizer, data[2], lang=args.lang,
+                                                       max_new_tokens=args.max_new_tokens,
+                                                       batch_size=args.eval_batch_size, show_progress=False)
+            record.update(chrf=scores.chrf, bleu=scores.bleu, samples=list(zip(data[2]["source"][:3],
+                                                                               hypotheses[:3], strict=True)))
+    record["total_seconds"] = time.perf_counter() - started
+    logger.info("%s: done (%.0fs)", method.name, record["total_seconds"])
+    return record
+
+
+def write_json(record: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write then rename, so a killed run never leaves a result file that parses but is cut short."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    (args,) = HfArgumentParser(RunArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    logger.setLevel(logging.INFO)
+    record = run(args)
+    write_json(record, args.output)
+    return record
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
