@@ -164,3 +164,19 @@ def test_data_driven_selectors_on_a_quantized_model_keep_its_weights(tiny_llama_
         assert mask.num_selected == 6, selector
         for name, value in model.state_dict().items():
             assert value.dtype == before[0][name].dtype and torch.equal(value, before[0][name]), (selector, name)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_probe_under_activation_checkpointing_trains_the_same_deltas(reentrant):
+    """Trainer.train() turns checkpointing on before selection; the delta hooks must survive the recompute."""
+    model = make_model("llama")
+    batches = [make_batches(list(make_dataset(8)["text"]))[0]] * 2
+    plain = run_probe(context(model, batches), steps=2, learning_rate=1e-3).deltas
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": reentrant})
+    before = snapshot(model)
+    checkpointed = run_probe(context(model, batches), steps=2, learning_rate=1e-3).deltas
+    assert_untouched(model, before)
+    for name, delta in plain.items():
+        assert delta.abs().max() > 0
+        torch.testing.assert_close(checkpointed[name], delta, rtol=1e-4, atol=1e-7)

@@ -45,18 +45,22 @@ def trainer(tmp_path, arch, selector, **overrides):
                           processing_class=make_tokenizer())
 
 
+def hooks(model):
+    return [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+
+
 def snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: p.requires_grad for n, p in model.named_parameters()})
+            {n: p.requires_grad for n, p in model.named_parameters()}, hooks(model))
 
 
 def assert_untouched(model, before):
-    weights, flags = before
+    weights, flags, hook_counts = before
     for name, value in model.state_dict().items():
         assert torch.equal(value, weights[name]), f"{name} changed"
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
-    assert not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in model.modules())
+    assert hooks(model) == hook_counts
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
