@@ -61,6 +61,8 @@ class CompareArguments:
                                                           "from the quality runs)."})
     jobs: int = field(default=1, metadata={"help": "Quality runs at a time (cost runs always run alone)."})
     output_dir: str = field(default="runs/benchmarks", metadata={"help": "Where results go (git-ignored)."})
+    report_only: bool = field(default=False, metadata={"help": "Run nothing: rebuild the table and plot from the "
+                                                               "result files already in --output_dir."})
     selector_kwargs: str | None = field(default=None, metadata={"help": 'Per-selector kwargs as JSON, e.g. '
                                                                         '\'{"cosine": {"probe_steps": 6}}\'.'})
     model: str | None = field(default=None, metadata={"help": "Model id/folder/.gguf (default SmolLM2-135M)."})
@@ -124,10 +126,14 @@ def run_flags(args: CompareArguments, run: Run, output: Path) -> list[str]:
     return flags
 
 
-def execute(args: CompareArguments, runs: list[Run], jobs: int, desc: str) -> list[dict[str, Any]]:
-    """Run what has no result file yet (``jobs`` at a time) and return every run's record."""
+def execute(args: CompareArguments, runs: list[Run], jobs: int, desc: str, errors: list[str]) -> list[dict[str, Any]]:
+    """Run what has no result file yet (``jobs`` at a time) and return the records of the runs that succeeded.
+
+    A failed run is appended to ``errors`` (with its log's tail) instead of stopping the benchmark: the other
+    methods' numbers are still worth the table, and ``main`` exits non-zero at the end.
+    """
     out = Path(args.output_dir)
-    todo = [r for r in runs if not (out / f"{r.name}.json").is_file()]
+    todo = [] if args.report_only else [r for r in runs if not (out / f"{r.name}.json").is_file()]
 
     def one(run: Run) -> None:
         result, log = out / f"{run.name}.json", out / "logs" / f"{run.name.replace('/', '_')}.log"
@@ -140,17 +146,13 @@ def execute(args: CompareArguments, runs: list[Run], jobs: int, desc: str) -> li
             raise RuntimeError(f"{run.name} failed (exit {code}); log {log}:\n{tail}")
 
     with ThreadPoolExecutor(max_workers=jobs) as pool, tqdm(total=len(todo), desc=desc, unit="run") as bar:
-        futures = [pool.submit(one, r) for r in todo]
-        errors = []
-        for future in futures:
+        for future in [pool.submit(one, r) for r in todo]:
             try:
                 future.result()
             except RuntimeError as err:
                 errors.append(str(err))
             bar.update()
-    if errors:
-        raise RuntimeError("Benchmark runs failed:\n" + "\n".join(errors))
-    return [json.loads((out / f"{r.name}.json").read_text()) for r in runs]
+    return [json.loads((out / f"{r.name}.json").read_text()) for r in runs if (out / f"{r.name}.json").is_file()]
 
 
 def plan_methods(args: CompareArguments) -> list[str]:
@@ -166,21 +168,22 @@ def main(argv: list[str] | None = None) -> str:
     seeds = [int(s) for s in args.seeds.split(",")]
     names = plan_methods(args)
     methods = {n: parse_method(n) for n in names}
-    sweep = [Run(n, lr, seeds[0]) for n, m in methods.items() if m.family != "base" and m.sweep_key == n
-             for lr in args.learning_rates(m.family)]
-    base = [Run(n, 0.0, seeds[0]) for n, m in methods.items() if m.family == "base"]
-    records = execute(args, base + sweep, args.jobs, "sweep")
-    sweep_rows = best_rows(records)
-    best = {n: sweep_rows[m.sweep_key].learning_rate for n, m in methods.items()
-            if m.family != "base" and m.sweep_key in sweep_rows}
-    missing = [n for n, m in methods.items() if m.family != "base" and n not in best]
+    missing = [n for n, m in methods.items() if m.family != "base" and m.sweep_key not in methods]
     if missing:
         raise ValueError(f"{missing} reuse the sweep of a method that is not in --methods: add "
                          f"{sorted({methods[n].sweep_key for n in missing})}.")
+    sweep = [Run(n, lr, seeds[0]) for n, m in methods.items() if m.family != "base" and m.sweep_key == n
+             for lr in args.learning_rates(m.family)]
+    base = [Run(n, 0.0, seeds[0]) for n, m in methods.items() if m.family == "base"]
+    errors: list[str] = []
+    records = execute(args, base + sweep, args.jobs, "sweep", errors)
+    sweep_rows = best_rows(records)
+    best = {n: sweep_rows[m.sweep_key].learning_rate for n, m in methods.items()
+            if m.family != "base" and m.sweep_key in sweep_rows}
     seeded = [Run(n, best[n], s) for n in best for s in seeds if not (s == seeds[0] and methods[n].sweep_key == n)]
-    records += execute(args, seeded, args.jobs, "seeds")
-    costs = execute(args, [Run(n, best[n], seeds[0], cost=True) for n in best], 1, "cost") if args.cost_steps \
-        else []
+    records += execute(args, seeded, args.jobs, "seeds", errors)
+    costs = execute(args, [Run(n, best[n], seeds[0], cost=True) for n in best], 1, "cost", errors) \
+        if args.cost_steps else []
     rows = best_rows(records, costs)
     rows = {n: rows[n] for n in names if n in rows}
     out = Path(args.output_dir)
@@ -188,6 +191,8 @@ def main(argv: list[str] | None = None) -> str:
     summary = (f"{len(seeds)} seed(s) {args.seeds}, {args.max_steps} steps, batch {args.batch_size or 8}, "
                f"{args.test_size} test pairs, device {device}; cost runs: "
                f"{f'{args.cost_steps} steps each, alone' if args.cost_steps else 'from the quality runs'}")
+    if args.cost_steps and any(not r.cost_runs for n, r in rows.items() if methods[n].family != "base"):
+        summary += "; † no cost run: step time and memory from its quality runs (which may have shared the machine)"
     text = "\n".join([markdown_table(rows), "", summary, "", "Targets:", *target_checks(rows)])
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({n: {"learning_rate": r.learning_rate, "runs": r.runs,
@@ -195,6 +200,9 @@ def main(argv: list[str] | None = None) -> str:
     plot = plot_eval_curves(rows, out / "eval_loss.png")
     print(text)
     print(f"\nwritten: {out / 'table.md'}, {out / 'results.json'}, {plot}")
+    if errors:
+        print("\n".join(["", f"{len(errors)} run(s) FAILED:", *errors]), file=sys.stderr)
+        raise SystemExit(1)
     return text
 
 

@@ -96,6 +96,7 @@ def markdown_table(rows: dict[str, MethodRow]) -> str:
     header = ("| method | trainable params | lr | eval loss before → after | chrF | median step (s) | step × LoRA "
               "| peak mem (MiB) | mem × LoRA | selection (s) | selection share |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    any_cost = any(row.cost_runs for row in rows.values())
     for name, row in rows.items():
         method = parse_method(name)
         if method.family == "base":
@@ -105,6 +106,8 @@ def markdown_table(rows: dict[str, MethodRow]) -> str:
         reference = rows.get(method.reference)
         mem = row.memory_key
         extra = f" (r={row.runs[0]['lora_rank']})" if "lora_rank" in row.runs[0] else ""
+        if any_cost and not row.cost_runs:
+            extra += " †"  # its step time and memory come from the quality runs (see the note under the table)
         lines.append(
             f"| {name}{extra} | {row.trainable:,} | {row.learning_rate:g} | {row.stat('eval_loss_before').mean:.3f} → "
             f"{row.stat('eval_loss_after').fmt()} | {row.stat('chrf').fmt(1)} | "
