@@ -3,6 +3,8 @@ built offline, and a small text dataset. Nothing is downloaded."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from datasets import Dataset
@@ -62,6 +64,21 @@ def make_dataset(n: int = 32, seed: int = 0) -> Dataset:
         idx = torch.randint(len(WORDS), (int(torch.randint(4, 10, (1,), generator=g)),), generator=g)
         rows.append(" ".join(WORDS[i] for i in idx))
     return Dataset.from_dict({"text": rows})
+
+
+@pytest.fixture(autouse=True)
+def _accelerate_env_per_test():
+    """Each test starts with the process's ``ACCELERATE_*`` variables as they were before it.
+
+    transformers 4.x ``TrainingArguments.__post_init__`` writes ``ACCELERATE_MIXED_PRECISION=bf16`` (or fp16)
+    into ``os.environ`` and never clears it, so after one bf16 config every later Trainer in the process
+    autocasts (5.x keeps it on the config instead). Without this, the 4.57 tox env fails by test order.
+    """
+    before = {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_") and k not in before]:
+        del os.environ[key]
+    os.environ.update(before)
 
 
 @pytest.fixture

@@ -97,10 +97,13 @@ def test_quantized_delta_loads_onto_a_fresh_base_and_merges_to_full_precision(tm
     trainer.save_model(str(out))
     expected = _logits(trainer.model)
 
-    fresh = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=CONFIGS["nf4-double"]())
+    # dtype as the trainer loaded it (fp32): transformers 4.x loads a bnb model's other weights in fp16 by default.
+    fresh = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=CONFIGS["nf4-double"](),
+                                                 dtype=torch.float32)
     torch.testing.assert_close(_logits(load_neuron_delta(fresh, out)), expected)
 
-    quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=CONFIGS["nf4-double"]())
+    quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=CONFIGS["nf4-double"](),
+                                                     dtype=torch.float32)
     merged = merge_neuron_delta(quantized, out, dtype=torch.float32)
     assert not any(is_quantized(m) for m in merged.modules())
     merged.save_pretrained(tmp_path / "merged")
