@@ -41,7 +41,7 @@ class ScriptArguments:
 def load_data(script_args: ScriptArguments) -> tuple[Any, Any]:
     """``(train, eval or None)`` from ``--dataset_name``, or the offline Django pairs (90/10 split)."""
     if script_args.dataset_name is None:
-        data = to_prompt_completion(django_pairs("de", max_chars=80), language_name("de"))
+        data = to_prompt_completion(django_pairs("de", max_chars=80), language_name("de"), conversational=False)
         split = data.train_test_split(test_size=0.1, seed=0)
         return split["train"], split["test"]
     train = load_split(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
