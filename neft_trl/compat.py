@@ -6,6 +6,7 @@ upgrading a dependency means reading one file.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -121,3 +122,16 @@ def model_checkpoints_activations(model: nn.Module) -> bool:
         if hasattr(type(model), name):
             return bool(getattr(model, name))
     return False
+
+
+def dequantize(model: nn.Module, dtype: Any = None) -> nn.Module:
+    """``model.dequantize()`` into ``dtype`` (default: transformers' choice), dropping the quantization config.
+
+    5.x takes ``dequantize(dtype=...)``; 4.57's ``dequantize()`` takes no argument and dequantizes into
+    ``model.dtype`` (the dtype of the non-quantized weights), so there the result is cast afterwards (a
+    bitsandbytes model refuses ``.to(dtype)`` before it is dequantized).
+    """
+    if "dtype" in inspect.signature(model.dequantize).parameters:
+        return model.dequantize(dtype=dtype)
+    model = model.dequantize()
+    return model if dtype is None else model.to(dtype)

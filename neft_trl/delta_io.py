@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .compat import dequantize
 from .layers import features, is_quantized
 from .training.delta_layer import NeuronDelta, attach_delta, has_delta
 
@@ -159,7 +160,7 @@ def merge_neuron_delta(model: nn.Module, path: str | os.PathLike, dtype: torch.d
                 "Cannot merge into a model quantized outside transformers: load it with from_pretrained("
                 "quantization_config=...) so that model.dequantize() works, or merge into the full-precision model."
             )
-        model = model.dequantize(dtype=dtype)
+        model = dequantize(model, dtype)  # 4.57's dequantize() takes no dtype: see compat
     elif dtype is not None:
         model = model.to(dtype)
     for name, module in check_delta_fits(model, deltas).items():

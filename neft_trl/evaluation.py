@@ -68,7 +68,7 @@ def generate_completions(
             ids = order[start:start + batch_size]
             add_special = texts[ids[0]][1]
             batch = tokenizer([texts[i][0] for i in ids], return_tensors="pt", padding=True,
-                              add_special_tokens=add_special).to(device)
+                              add_special_tokens=add_special, return_token_type_ids=False).to(device)
             prompt_length = batch["input_ids"].shape[1]
             stop = [_LineEnded(tokenizer, prompt_length)] if first_line else None
             generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
