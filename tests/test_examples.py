@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORDS, make_model, make_tokenizer
 from safetensors.torch import load_file
 
 from neft_trl import NeuronMask
-from tests.conftest import WORDS, make_model, make_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 COMMON = ["--use_cpu", "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--seed", "0",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_model, make_tokenizer
 
 import neft_trl.models as models
-from tests.conftest import make_model, make_tokenizer
 
 needs_gguf_package = pytest.mark.skipif(
     importlib.util.find_spec(models.GGUF_PACKAGE) is None,
