@@ -27,9 +27,9 @@ from transformers import HfArgumentParser
 from neft_trl.budget import Budget
 from neft_trl.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
 from neft_trl.evaluation import evaluate_translations
+from neft_trl.measure import StepTimer, peak_rss_mb
 from neft_trl.models import load_model_and_tokenizer
 
-from .measure import StepTimer, peak_rss_mb
 from .methods import Method, lora_rank_for, neft_trainable_parameters, parse_method
 
 logger = logging.getLogger("benchmarks")

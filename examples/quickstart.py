@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainerCallback
+from transformers import HfArgumentParser
 
 from neft_trl import NeFTConfig, NeFTSFTTrainer
 from neft_trl.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
 from neft_trl.evaluation import evaluate_translations
+from neft_trl.measure import StepTimer
 from neft_trl.models import load_model_and_tokenizer
 
 
@@ -76,20 +77,6 @@ class QuickstartArguments:
     output_dir: str = field(default="neft_quickstart", metadata={"help": "Where the model, mask and plot go."})
     seed: int = field(default=0, metadata={"help": "Seed for selection and training."})
     samples: int = field(default=5, metadata={"help": "Sample translations to print."})
-
-
-class StepTimer(TrainerCallback):
-    """Wall time of every optimizer step (selection runs before the first step, so it is not counted)."""
-
-    def __init__(self) -> None:
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.seconds.append(time.perf_counter() - self._start)
 
 
 def load_pairs(args: QuickstartArguments):

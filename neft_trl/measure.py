@@ -1,4 +1,5 @@
-"""What a benchmark run costs: wall time per optimizer step and the process's peak resident memory.
+"""What a training run costs: wall time per optimizer step and the process's peak resident memory (used by
+examples/quickstart.py and benchmarks/).
 
 Step time comes from a ``TrainerCallback`` (``on_step_begin`` -> ``on_step_end``), so it holds forward,
 backward and the optimizer step, and leaves out selection (which runs before the first step), evaluation
