@@ -282,3 +282,16 @@ def test_the_autoload_switch_hides_third_party_plugins_but_keeps_built_ins(insta
     result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT"):])
     assert set(result["selectors"]) == BUILT_INS
     assert "Unknown neuron selector 'magnitude'" in result["error"]
+
+
+def test_two_packages_declaring_one_entry_point_name_is_an_error(monkeypatch):
+    """A third party's entry point named like a built-in must not be skipped silently."""
+    from types import SimpleNamespace
+
+    real = list(manager.entry_points(group=manager.ENTRY_POINT_GROUP))
+    impostor = SimpleNamespace(name="random", value="other_pkg.selector", dist=SimpleNamespace(name="other-pkg"),
+                               load=lambda: SimpleNamespace())
+    monkeypatch.setattr(manager, "entry_points", lambda group: [*real, impostor])
+    monkeypatch.setattr(manager, "_loaded_entry_points", False)
+    with pytest.raises(PluginError, match="plugin 'random': 'neft-trl' and 'other-pkg'"):
+        manager.available_selectors()

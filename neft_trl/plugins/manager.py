@@ -71,7 +71,13 @@ def _load_entry_points() -> None:
         if not autoload and _normalize(package) != OWN_DISTRIBUTION:
             continue
         if plugin_manager.has_plugin(ep.name):
-            continue
+            if _sources.get(ep.name) == package:
+                continue  # already loaded (an earlier call, or the same distribution twice on sys.path)
+            raise PluginError(
+                f"Two packages declare the neft_trl plugin {ep.name!r}: {_sources.get(ep.name)!r} and {package!r}. "
+                f"Uninstall one of them, rename one entry point, or set {AUTOLOAD_ENV}=1 to load only neft_trl's "
+                "own selectors."
+            )
         try:
             plugin = ep.load()
         except Exception as err:
