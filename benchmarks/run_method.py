@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser
 
+from neft_trl.atomic import atomic_write
 from neft_trl.budget import Budget
 from neft_trl.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
 from neft_trl.evaluation import evaluate_translations
@@ -216,11 +217,7 @@ def run(args: RunArguments) -> dict[str, Any]:
 
 def write_json(record: dict[str, Any], path: str | os.PathLike) -> None:
     """Write then rename, so a killed run never leaves a result file that parses but is cut short."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(record, indent=1)))
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

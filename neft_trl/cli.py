@@ -208,8 +208,6 @@ def _load_mask(source: str) -> NeuronMask:
         return NeuronMask.load(source)
     except USER_ERRORS as err:
         raise CLIError(f"Cannot read neuron mask {source!r}: {_one_line(err)}") from err
-    except Exception as err:  # safetensors raises its own error type for a corrupt header
-        raise CLIError(f"Cannot read neuron mask {source!r}: {type(err).__name__}: {_one_line(err)}") from err
 
 
 def _save_mask(mask: NeuronMask, out: str) -> Path:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import atomic_write
 from .compat import dequantize
 from .layers import features, is_quantized
 from .training.delta_layer import NeuronDelta, attach_delta, has_delta
@@ -30,18 +31,6 @@ from .training.delta_layer import NeuronDelta, attach_delta, has_delta
 DELTA_FILENAME = "neft_delta.safetensors"
 DELTA_CONFIG_FILENAME = "neft_delta_config.json"
 _FORMAT = "neft_trl.delta/1"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)``, then rename over ``path``: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_neuron_delta(

@@ -13,9 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write
 from .neurons import NeuronMap
 
 MASK_FILENAME = "neuron_mask.safetensors"
@@ -157,11 +158,9 @@ class NeuronMask:
         path = Path(path)
         if path.is_dir() or path.suffix != ".safetensors":
             path = path / MASK_FILENAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         header = {"neft_trl.info": json.dumps(self.info), **self.metadata}
-        save_file({n: t.contiguous() for n, t in self.selected.items()}, str(tmp), metadata=header)
-        os.replace(tmp, path)
+        tensors = {n: t.contiguous() for n, t in self.selected.items()}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
         return path
 
     @classmethod
@@ -176,7 +175,7 @@ class NeuronMask:
                 meta = dict(f.metadata() or {})
                 selected = {name: f.get_tensor(name) for name in f.keys()}
             info = json.loads(meta.pop("neft_trl.info"))
-        except (KeyError, ValueError, OSError) as err:
+        except (KeyError, ValueError, OSError, SafetensorError) as err:
             raise ValueError(f"{str(path)!r} is not a neft_trl neuron mask ({err}).") from err
         return cls(selected, info, meta)
 

@@ -119,7 +119,7 @@ def test_save_load_round_trip(tmp_path, llama):
     assert loaded.trainable_parameters == mask.trainable_parameters
     assert NeuronMask.load(tmp_path / "m.safetensors").per_layer_counts() == mask.per_layer_counts()
     assert mask.save(tmp_path).name == "neuron_mask.safetensors"  # a folder gets the standard file name
-    assert not list(tmp_path.glob("*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "neuron_mask.safetensors"]  # no temp file
 
 
 def test_mask_from_another_model_names_both_shapes(llama):
@@ -141,3 +141,6 @@ def test_load_errors(tmp_path):
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="is not a neft_trl neuron mask"):
         NeuronMask.load(tmp_path / "other.safetensors")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)  # a corrupt header: safetensors' own error type
+    with pytest.raises(ValueError, match="is not a neft_trl neuron mask"):
+        NeuronMask.load(tmp_path / "garbage.safetensors")
