@@ -64,15 +64,10 @@ def select_neurons(
     _check_untouched(model, before, label)
     scores = validate_scores(context.neuron_map, raw, label)
     extra = {k: str(v) for k, v in (getattr(instance, "metadata", None) or {}).items()}
-    mask = select_top(
-        context.neuron_map,
-        scores,
-        context.budget,
-        parameter_count(model),
-        keep=keep,
-        scope=scope,
-        metadata={**extra, "selector": info.name, "selector_package": info.package, "seed": str(context.seed)},
-    )
+    total = context.total_parameters or parameter_count(model)
+    meta = {**extra, "selector": info.name, "selector_package": info.package, "seed": str(context.seed),
+            "model_parameters": str(total)}  # reports show the budget as the paper's share of the model
+    mask = select_top(context.neuron_map, scores, context.budget, total, keep=keep, scope=scope, metadata=meta)
     mask.metadata["selection_seconds"] = f"{seconds:.3f}"
     logger.info("NeFT: selector %s scored %d candidates in %.1fs", label, context.neuron_map.num_candidates, seconds)
     log_mask(mask)

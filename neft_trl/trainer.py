@@ -33,7 +33,7 @@ from .mask import MASK_FILENAME, NeuronMask
 from .neurons import NeuronMap, build_neuron_map
 from .plugins import get_selector
 from .report import NeuronReport, neuron_report
-from .selection import log_mask, preserved_rng_state, select_neurons
+from .selection import log_mask, select_neurons
 from .selectors.base import SelectionContext
 from .training import NeuronTraining, build_training, resolve_mode
 
@@ -77,7 +77,8 @@ class NeFTSFTTrainer(SFTTrainer):
                 "set args.optim / learning_rate / weight_decay, or pass optimizer_cls_and_kwargs."
             )
         args = _neft_args(args, model)
-        if selector is not None:
+        if selector is not None and selector != args.selector:
+            args = copy.copy(args)  # the caller's config may serve other trainers: never change it
             args.selector = selector
         get_selector(args.selector)  # an unknown selector fails here, listing the installed ones
         model_init_kwargs = args.model_init_kwargs
@@ -115,18 +116,16 @@ class NeFTSFTTrainer(SFTTrainer):
             compute_loss=lambda model, batch: self.compute_loss(model, batch),
             trainer=self,
             show_progress=not self.args.disable_tqdm,
+            total_parameters=self.model_parameter_count,
         )
+        # select_neurons restores the model's mode and every RNG; TRL's metric accumulators are the trainer's to keep
         saved_metrics = copy.deepcopy(getattr(self, "_metrics", None))
         saved_tokens = getattr(self, "_total_train_tokens", None)
-        was_training = self.model.training
-        with preserved_rng_state():
-            mask = select_neurons(context, self.args.selector, self.args.selector_kwargs, self.args.neuron_scope)
-        self.model.train(was_training)
+        mask = select_neurons(context, self.args.selector, self.args.selector_kwargs, self.args.neuron_scope)
         if saved_metrics is not None:
             self._metrics = saved_metrics
         if saved_tokens is not None:
             self._total_train_tokens = saved_tokens
-        mask.metadata.setdefault("model_parameters", str(self.model_parameter_count))  # for reports: the x%
         return mask
 
     def neuron_report(self, *other_masks: NeuronMask, names: list[str] | None = None) -> NeuronReport:
@@ -222,6 +221,8 @@ class NeFTSFTTrainer(SFTTrainer):
         if self.neuron_training is not None and self.neuron_training.saves_model_itself:
             if self.args.should_save:
                 self.neuron_training.save(output_dir)
+                if self.processing_class is not None:  # as SFTTrainer saves it beside the model
+                    self.processing_class.save_pretrained(output_dir)
         else:
             super().save_model(output_dir, _internal_call)
         if self.neuron_mask is not None and self.args.should_save:

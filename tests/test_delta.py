@@ -99,6 +99,7 @@ def test_saved_delta_loads_and_merges_to_the_trained_model(tmp_path):
     config = json.loads((out / DELTA_CONFIG_FILENAME).read_text())
     assert config["neft_mode"] == "delta" and config["selector"] == "random" and "neuron_ratio" in config["budget"]
     assert not (out / "model.safetensors").exists()  # delta mode saves the deltas, not the model
+    assert (out / "tokenizer.json").is_file()  # but the tokenizer beside them, as SFTTrainer does
 
     loaded = load_neuron_delta(make_model("llama"), out)
     torch.testing.assert_close(_logits(loaded), expected)

@@ -172,3 +172,10 @@ def test_bad_inputs(tmp_path):
                              processing_class=tok)
     with pytest.raises(ValueError, match="exceeds the 192 candidate neurons"):
         trainer.train()
+
+
+def test_selector_argument_leaves_the_callers_config_alone(tmp_path):
+    args = tiny_args(tmp_path)
+    trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), selector="random", args=args,
+                             processing_class=make_tokenizer())
+    assert trainer.args.selector == "random" and args.selector == "cosine"

@@ -40,6 +40,8 @@ class SelectionContext:
             ``loss`` falls back to the model's own ``outputs.loss`` (the batches then need ``labels``).
         trainer: the trainer, for selectors that need its arguments (optimizer settings for a probe).
         show_progress: whether to draw tqdm bars.
+        total_parameters: all parameters of the model before any training mode added its own (the base of
+            ``param_ratio``); counted from ``model`` when not given.
     """
 
     model: nn.Module
@@ -50,6 +52,7 @@ class SelectionContext:
     compute_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None
     trainer: Any = None
     show_progress: bool = True
+    total_parameters: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def require_batches(self, selector: str) -> Callable[[int], Iterator[Batch]]:
