@@ -13,6 +13,8 @@ from typing import Any
 
 from torch import nn
 
+from .layers import is_quantized_model
+
 _PEFT_FLAG = "_hf_peft_config_loaded"
 
 
@@ -28,7 +30,7 @@ def quantized_training_allowed(model: nn.Module) -> Iterator[None]:
     while ``__init__`` runs and restored (or removed) right after, even on error: ``save_pretrained`` and
     ``gradient_checkpointing_enable`` read the same flag and must see the model's true state later.
     """
-    if not getattr(model, "is_quantized", False):
+    if not is_quantized_model(model):
         yield
         return
     had_flag = _PEFT_FLAG in vars(model)
@@ -51,8 +53,7 @@ def frozen_during_trl_init(model: nn.Module) -> Iterator[None]:
     for QLoRA adapters). On a model without an adapter that hits the norms and embeddings, so the "frozen"
     model would change. NeFT's trainable deltas are created later, in the dtype NeFT chooses.
     """
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
-    if not quantized:
+    if not is_quantized_model(model):
         yield
         return
     flags = {name: p.requires_grad for name, p in model.named_parameters()}

@@ -24,6 +24,23 @@ def is_quantized(module: nn.Module) -> bool:
     return type(weight).__name__ in {"Params4bit", "Int8Params"}
 
 
+def is_quantized_model(model: nn.Module) -> bool:
+    """True where the model holds bitsandbytes layers; any other quantization (GPTQ, AWQ, ...) is an error.
+
+    neft_trl trains full-precision models and bitsandbytes 4/8-bit models; other quantized layers are not
+    ``nn.Linear``, so their neurons could be neither found nor trained.
+    """
+    bnb = any(is_quantized(m) for m in model.modules())
+    if getattr(model, "is_quantized", False) and not bnb:
+        method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+        method = getattr(method, "quant_method", "an unsupported method")
+        raise ValueError(
+            f"This model is quantized with {method}, which NeFT cannot train: load it in full precision, or "
+            "4/8-bit with BitsAndBytesConfig (quantization_config=BitsAndBytesConfig(load_in_4bit=True))."
+        )
+    return bnb
+
+
 def is_supported_layer(module: nn.Module) -> bool:
     """Layers whose neurons NeFT can train: plain or quantized linear layers and ``Conv1D``."""
     return isinstance(module, (nn.Linear, Conv1D))

@@ -116,3 +116,14 @@ def test_gradient_checkpointing_reaches_the_deltas(tmp_path, base_path):
     trainer = _trainer(tmp_path, base_path, "nf4-double", gradient_checkpointing=True, max_steps=2)
     trainer.train()
     assert all(d.weight.abs().sum() > 0 for d in trainer.neuron_training.deltas.values())
+
+
+def test_a_non_bitsandbytes_quantized_model_is_refused_with_the_fix():
+    from neft_trl.layers import is_quantized_model
+
+    model = make_model("llama")
+    assert not is_quantized_model(model)
+    model.is_quantized = True  # what transformers sets for GPTQ/AWQ/... models, whose layers are not nn.Linear
+    model.hf_quantizer = type("Q", (), {"quantization_config": type("C", (), {"quant_method": "gptq"})()})()
+    with pytest.raises(ValueError, match="quantized with gptq, which NeFT cannot train: .*BitsAndBytesConfig"):
+        is_quantized_model(model)
