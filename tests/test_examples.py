@@ -69,12 +69,18 @@ def test_quickstart_on_tiny_model_and_own_dataset(monkeypatch, tmp_path, tiny_mo
     assert "| before |" in printed and "| after |" in printed and "EN:" in printed
 
 
-def test_sft_neft_on_tiny_model_and_jsonl(monkeypatch, tmp_path, tiny_model_dir):
+@pytest.fixture
+def text_jsonl(tmp_path):
+    """24 short plain-text rows in a .jsonl file, the kind of file `--dataset_name` accepts."""
     data = tmp_path / "text.jsonl"
     data.write_text("\n".join(json.dumps({"text": " ".join(WORDS[i:i + 6])}) for i in range(0, 24)))
+    return data
+
+
+def test_sft_neft_on_tiny_model_and_jsonl(monkeypatch, tmp_path, tiny_model_dir, text_jsonl):
     sft = load_example("sft_neft", monkeypatch)
     out = tmp_path / "sft"
-    trainer = sft.main(["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
+    trainer = sft.main(["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(text_jsonl),
                         "--output_dir", str(out), "--max_steps", "3", "--learning_rate", "1e-2",
                         "--selector", "random", "--neuron_ratio", "0.25", *COMMON])
     assert trainer.neft_mode == "hooks"
@@ -88,13 +94,11 @@ def test_sft_neft_on_tiny_model_and_jsonl(monkeypatch, tmp_path, tiny_model_dir)
     assert not torch.equal(trained[up][rows], original[up][rows])
 
 
-def test_qneft_4bit_on_tiny_model(monkeypatch, tmp_path, tiny_model_dir):
+def test_qneft_4bit_on_tiny_model(monkeypatch, tmp_path, tiny_model_dir, text_jsonl):
     pytest.importorskip("bitsandbytes")
-    data = tmp_path / "text.jsonl"
-    data.write_text("\n".join(json.dumps({"text": " ".join(WORDS[i:i + 6])}) for i in range(0, 24)))
     qneft = load_example("qneft_4bit", monkeypatch)
     out = tmp_path / "q"
-    trainer = qneft.main(["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
+    trainer = qneft.main(["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(text_jsonl),
                           "--output_dir", str(out), "--max_steps", "3", "--learning_rate", "1e-2",
                           "--selector", "random", "--neuron_ratio", "0.25", *COMMON])
     assert trainer.neft_mode == "delta"
