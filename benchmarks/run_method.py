@@ -26,10 +26,10 @@ from transformers import HfArgumentParser
 
 from neft_trl.atomic import atomic_write
 from neft_trl.budget import Budget
-from neft_trl.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
-from neft_trl.evaluation import evaluate_translations
-from neft_trl.measure import StepTimer, peak_rss_mb
-from neft_trl.models import load_model_and_tokenizer
+from neft_trl.demo.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
+from neft_trl.demo.evaluation import evaluate_translations
+from neft_trl.demo.measure import StepTimer, peak_rss_mb
+from neft_trl.demo.models import load_model_and_tokenizer
 
 from .methods import Method, lora_rank_for, neft_trainable_parameters, parse_method
 

@@ -19,7 +19,7 @@ from sft_neft import ScriptArguments, load_data
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, HfArgumentParser
 
 from neft_trl import NeFTConfig, NeFTSFTTrainer
-from neft_trl.models import resolve_model
+from neft_trl.demo.models import resolve_model
 
 
 @dataclass

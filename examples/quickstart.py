@@ -24,10 +24,10 @@ import torch
 from transformers import HfArgumentParser
 
 from neft_trl import NeFTConfig, NeFTSFTTrainer
-from neft_trl.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
-from neft_trl.evaluation import evaluate_translations
-from neft_trl.measure import StepTimer
-from neft_trl.models import load_model_and_tokenizer
+from neft_trl.demo.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
+from neft_trl.demo.evaluation import evaluate_translations
+from neft_trl.demo.measure import StepTimer
+from neft_trl.demo.models import load_model_and_tokenizer
 
 
 @dataclass

@@ -6,7 +6,7 @@
 
 Every ``NeFTConfig`` field (TRL's ``SFTConfig`` plus selector, budget, mode) is a flag. Without
 ``--dataset_name`` it trains on English->German pairs from Django's installed catalogs; without
-``--model_name_or_path`` on SmolLM2-135M-Instruct converted offline (see ``neft_trl.models``).
+``--model_name_or_path`` on SmolLM2-135M-Instruct converted offline (see ``neft_trl.demo.models``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from neft_trl import NeFTConfig, NeFTSFTTrainer
-from neft_trl.cli import load_split
-from neft_trl.data import django_pairs, language_name, to_prompt_completion
-from neft_trl.models import resolve_model
+from neft_trl.data_sources import load_split
+from neft_trl.demo.data import django_pairs, language_name, to_prompt_completion
+from neft_trl.demo.models import resolve_model
 
 
 @dataclass

@@ -2,12 +2,12 @@
 
 from .budget import Budget
 from .config import NeFTConfig
-from .delta_io import load_neuron_delta, merge_neuron_delta
 from .mask import NeuronMask
 from .neurons import NeuronMap, build_neuron_map
 from .plugins import available_selectors, get_selector, hookimpl, register_plugin
 from .selectors.base import NeuronSelector, SelectionContext
 from .trainer import NeFTSFTTrainer
+from .training.delta_io import load_neuron_delta, merge_neuron_delta
 
 __version__ = "0.1.0"
 

@@ -22,11 +22,10 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from .config import NeFTConfig
+from .data_sources import load_split
 from .mask import MASK_FILENAME, NeuronMask
 from .report import neuron_report
 
-#: ``datasets`` builders for local data files, by suffix.
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 #: Errors that mean "the user gave something unusable" while setting up a run or reading masks.
 USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
 
@@ -67,41 +66,6 @@ class SelectArguments:
     mask_out: str | None = field(
         default=None, metadata={"help": f"Where to write the mask (default: OUTPUT_DIR/{MASK_FILENAME})."}
     )
-
-
-def load_split(source: str, config: str | None, split: str | None) -> Any:
-    """One split of a local file, a saved dataset folder, or a ``datasets`` name.
-
-    A file or a saved single ``Dataset`` has one split, which ``datasets`` names ``train``; ``split=None``
-    asks for that one split and fails on sources with several, naming them.
-    """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    path = Path(source)
-    if path.is_file():
-        builder = FILE_BUILDERS.get(path.suffix.lower())
-        if builder is None:
-            raise CLIError(f"{source!r}: unknown data file type; use one of {', '.join(FILE_BUILDERS)}.")
-        data = load_dataset(builder, data_files=str(path), split="train")
-    elif path.is_dir() and any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
-        data = load_from_disk(str(path))
-    elif path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")):
-        raise CLIError(f"No such data file or folder: {source!r}.")
-    else:
-        data = load_dataset(source, config) if split is None else load_dataset(source, config, split=split)
-    if isinstance(data, Dataset):
-        if split not in (None, "train"):
-            raise CLIError(f"{source!r} holds one split only, not {split!r}: pass evaluation data as "
-                           "--eval_dataset_name FILE.")
-        return data
-    if not isinstance(data, DatasetDict):
-        raise CLIError(f"{source!r} is a {type(data).__name__}, not a dataset with rows.")
-    if split is None and len(data) == 1:
-        split = next(iter(data))
-    if split not in data:
-        raise CLIError(f"{source!r} has splits {list(data)}; choose one with --dataset_train_split / "
-                       "--dataset_test_split.")
-    return data[split]
 
 
 def build_trainer(run: RunArguments, config: NeFTConfig, need_data: bool) -> Any:

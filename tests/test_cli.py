@@ -155,15 +155,15 @@ def test_bad_setup_exits_2_with_one_line(workdir, tmp_path, capsys):
 def test_load_split_reads_files_and_saved_folders(tmp_path):
     from datasets import DatasetDict
 
-    from neft_trl.cli import CLIError, load_split
+    from neft_trl.data_sources import DataSourceError, load_split
 
     data = make_dataset(6)
     data.to_csv(tmp_path / "d.csv", index=False)
     assert load_split(str(tmp_path / "d.csv"), None, "train")["text"] == data["text"]
     DatasetDict({"train": data, "test": make_dataset(3, seed=1)}).save_to_disk(tmp_path / "saved")
     assert load_split(str(tmp_path / "saved"), None, "test")["text"] == make_dataset(3, seed=1)["text"]
-    with pytest.raises(CLIError, match=r"has splits \['train', 'test'\]"):
+    with pytest.raises(DataSourceError, match=r"has splits \['train', 'test'\]"):
         load_split(str(tmp_path / "saved"), None, None)
     (tmp_path / "d.xml").write_text("<a/>")
-    with pytest.raises(CLIError, match="unknown data file type"):
+    with pytest.raises(DataSourceError, match="unknown data file type"):
         load_split(str(tmp_path / "d.xml"), None, "train")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from neft_trl.data import (
+from neft_trl.demo.data import (
     TranslationPair,
     django_locale_files,
     django_pairs,

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from neft_trl import NeFTSFTTrainer, load_neuron_delta, merge_neuron_delta
-from neft_trl.delta_io import DELTA_CONFIG_FILENAME, DELTA_FILENAME, read_neuron_delta, save_neuron_delta
+from neft_trl.training.delta_io import DELTA_CONFIG_FILENAME, DELTA_FILENAME, read_neuron_delta, save_neuron_delta
 from neft_trl.training.delta_layer import NeuronDelta, attach_delta, detach_delta
 
 
@@ -140,7 +140,7 @@ def test_a_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
             f.write(b"\x00" * 7)  # a partial write, then the process dies
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("neft_trl.delta_io.save_file", killed)
+    monkeypatch.setattr("neft_trl.training.delta_io.save_file", killed)
     delta.weight.data.fill_(5.0)
     with pytest.raises(KeyboardInterrupt):
         save_neuron_delta({"proj": delta}, tmp_path, {"neft_mode": "delta"})

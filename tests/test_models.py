@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_model, make_tokenizer
 
-import neft_trl.models as models
+import neft_trl.demo.models as models
 
 needs_gguf_package = pytest.mark.skipif(
     importlib.util.find_spec(models.GGUF_PACKAGE) is None,

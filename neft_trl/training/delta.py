@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..delta_io import DELTA_FILENAME, check_delta_fits, read_neuron_delta, save_neuron_delta
 from ..layers import features
 from ..mask import NeuronMask
 from ..neurons import NeuronMap
 from .base import NeuronTraining
+from .delta_io import DELTA_FILENAME, check_delta_fits, read_neuron_delta, save_neuron_delta
 from .delta_layer import NeuronDelta, attach_delta, detach_delta
 
 

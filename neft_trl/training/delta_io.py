@@ -23,10 +23,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_write
-from .compat import dequantize
-from .layers import features, is_quantized
-from .training.delta_layer import NeuronDelta, attach_delta, has_delta
+from ..atomic import atomic_write
+from ..compat import dequantize
+from ..layers import features, is_quantized
+from .delta_layer import NeuronDelta, attach_delta, has_delta
 
 DELTA_FILENAME = "neft_delta.safetensors"
 DELTA_CONFIG_FILENAME = "neft_delta_config.json"

@@ -23,6 +23,8 @@ from typing import Any
 
 from datasets import Dataset
 
+from ..data_sources import load_split
+
 #: The paper's prompt (Xu et al. 2025, "Translate the following text from English to Chinese. {src}").
 PROMPT_TEMPLATE = "Translate the following text from {src_lang} to {tgt_lang}. {text}"
 LANGUAGE_NAMES = {"de": "German", "fr": "French", "zh_Hans": "Chinese", "zh_Hant": "Chinese (Traditional)",
@@ -163,9 +165,7 @@ def load_pairs_file(
     path: str | os.PathLike, source_column: str = "source", target_column: str = "target", split: str | None = None
 ) -> list[TranslationPair]:
     """Pairs from any data ``datasets`` loads: a .json/.jsonl/.csv/.parquet file, a saved dataset folder or a
-    hub dataset name (through the CLI's ``load_split``, the package's one data-source loader)."""
-    from .cli import load_split
-
+    hub dataset name (through ``neft_trl.data_sources.load_split``)."""
     dataset = load_split(str(path), None, split)
     missing = [c for c in (source_column, target_column) if c not in dataset.column_names]
     if missing:
