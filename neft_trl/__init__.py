@@ -2,6 +2,7 @@
 
 from .budget import Budget
 from .config import NeFTConfig
+from .functional import apply_neurons, select_neurons
 from .mask import NeuronMask
 from .neurons import NeuronMap, build_neuron_map
 from .plugins import available_selectors, get_selector, hookimpl, register_plugin
@@ -19,6 +20,7 @@ __all__ = [
     "NeuronMask",
     "NeuronSelector",
     "SelectionContext",
+    "apply_neurons",
     "available_selectors",
     "build_neuron_map",
     "get_selector",
@@ -26,4 +28,5 @@ __all__ = [
     "load_neuron_delta",
     "merge_neuron_delta",
     "register_plugin",
+    "select_neurons",
 ]

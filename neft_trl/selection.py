@@ -25,7 +25,7 @@ from .selectors.base import SelectionContext
 logger = logging.getLogger("neft_trl")
 
 
-def select_neurons(
+def run_selector(
     context: SelectionContext,
     selector: str,
     selector_kwargs: Mapping[str, Any] | None = None,

@@ -28,14 +28,15 @@ from .compat import (
 )
 from .config import NeFTConfig
 from .distributed import broadcast_mask, check_launch, check_sharded_setup
+from .functional import apply_neurons
 from .layers import parameter_count
 from .mask import MASK_FILENAME, NeuronMask
 from .neurons import NeuronMap, build_neuron_map
 from .plugins import get_selector
 from .report import NeuronReport, neuron_report
-from .selection import log_mask, select_neurons
+from .selection import log_mask, run_selector
 from .selectors.base import SelectionContext
-from .training import NeuronTraining, build_training, resolve_mode
+from .training import NeuronTraining, resolve_mode
 
 logger = logging.getLogger("neft_trl")
 
@@ -121,7 +122,7 @@ class NeFTSFTTrainer(SFTTrainer):
         # select_neurons restores the model's mode and every RNG; TRL's metric accumulators are the trainer's to keep
         saved_metrics = copy.deepcopy(getattr(self, "_metrics", None))
         saved_tokens = getattr(self, "_total_train_tokens", None)
-        mask = select_neurons(context, self.args.selector, self.args.selector_kwargs, self.args.neuron_scope)
+        mask = run_selector(context, self.args.selector, self.args.selector_kwargs, self.args.neuron_scope)
         if saved_metrics is not None:
             self._metrics = saved_metrics
         if saved_tokens is not None:
@@ -168,10 +169,10 @@ class NeFTSFTTrainer(SFTTrainer):
 
     def _prepare_neurons(self) -> None:
         mask = broadcast_mask(self._resolve_mask(), self.neuron_map, self.accelerator)  # rank 0's, on every rank
-        mask.check_fits(self.neuron_map)
         self.neuron_mask = mask
-        self.neuron_training = build_training(self.neft_mode, self.model, self.neuron_map, mask)
-        self.neuron_training.attach()
+        self.neuron_training = apply_neurons(self.model, mask, self.neft_mode, neuron_map=self.neuron_map)
+        if activation_checkpointing_on(self.args) and hasattr(self.model, "enable_input_require_grads"):
+            self.model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
         if activation_checkpointing_on(self.args) and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
 
@@ -216,17 +217,27 @@ class NeFTSFTTrainer(SFTTrainer):
         self.neuron_training.load(self.state.best_model_checkpoint)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the model as ``SFTTrainer`` does, plus the neuron mask (and the mode's own files)."""
+        """Save as ``SFTTrainer`` does, plus the neuron mask; delta mode saves its deltas instead of the model.
+
+        The mask is written first, so a folder with trained weights always holds the mask they belong to.
+        A delta run's own ``save_model()`` call in full precision also writes a plain merged HF checkpoint
+        (``from_pretrained`` loads it) beside the compact delta file; its periodic checkpoints hold the
+        deltas only, which is all a resume needs.
+        """
         output_dir = output_dir or self.args.output_dir
-        if self.neuron_training is not None and self.neuron_training.saves_model_itself:
-            if self.args.should_save:
-                self.neuron_training.save(output_dir)
-                if self.processing_class is not None:  # as SFTTrainer saves it beside the model
-                    self.processing_class.save_pretrained(output_dir)
-        else:
-            super().save_model(output_dir, _internal_call)
+        training = self.neuron_training
         if self.neuron_mask is not None and self.args.should_save:
             self.neuron_mask.save(os.path.join(output_dir, MASK_FILENAME))
+        if training is None or not training.saves_model_itself:
+            super().save_model(output_dir, _internal_call)
+            return
+        if not self.args.should_save:
+            return
+        training.save_trained(output_dir)
+        if not _internal_call and not training.quantized:
+            training.save_merged(output_dir)
+        if self.processing_class is not None:  # as SFTTrainer saves it beside the model
+            self.processing_class.save_pretrained(output_dir)
 
 
 class _NeuronStatsCallback(TrainerCallback):

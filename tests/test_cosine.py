@@ -17,7 +17,7 @@ from test_selectors import assert_untouched, context, make_batches, snapshot
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from neft_trl import NeFTSFTTrainer, build_neuron_map
-from neft_trl.selection import select_neurons
+from neft_trl.selection import run_selector
 from neft_trl.selectors.probe import default_probe_steps, run_probe
 
 #: (module, stored-weight dimension that indexes neurons, neuron, relative size of the change)
@@ -53,18 +53,18 @@ def test_reference_picks_exactly_the_changed_neurons_in_order_of_change(arch):
     expected = [(name, n) for name, _, n, _ in CHANGES[arch]]
     # the 1e-6 change gives cosine 1 - ~1e-13, which fp32 cosine values cannot tell from an unchanged neuron
     for k in (3, 2, 1):
-        mask = select_neurons(context(model, num_neurons=k), "cosine", {"reference_model": reference})
+        mask = run_selector(context(model, num_neurons=k), "cosine", {"reference_model": reference})
         assert chosen(mask) == set(expected[:k])
 
 
 def test_reference_from_a_folder_and_mlp_units(tmp_path):
     model = make_model("llama")
     reference_with_known_changes(model, "llama").save_pretrained(tmp_path / "ref")
-    mask = select_neurons(context(model, num_neurons=3), "cosine", {"reference_model": str(tmp_path / "ref")})
+    mask = run_selector(context(model, num_neurons=3), "cosine", {"reference_model": str(tmp_path / "ref")})
     assert chosen(mask) == {(name, n) for name, _, n, _ in CHANGES["llama"]}
     assert mask.metadata["reference_model"] == str(tmp_path / "ref")
     kwargs = {"reference_model": str(tmp_path / "ref")}
-    units = select_neurons(context(model, unit="mlp", num_neurons=3), "cosine", kwargs)
+    units = run_selector(context(model, unit="mlp", num_neurons=3), "cosine", kwargs)
     assert {(name.rsplit(".", 2)[0], n) for name, n in chosen(units)} == {
         ("model.layers.0", 3), ("model.layers.1", 5), ("model.layers.1", 40)}
 
@@ -72,13 +72,13 @@ def test_reference_from_a_folder_and_mlp_units(tmp_path):
 def test_reference_mismatches_are_clear_errors():
     model = make_model("llama")
     with pytest.raises(ValueError, match="has no module 'model.layers.0.mlp.up_proj'.*same architecture"):
-        select_neurons(context(model), "cosine", {"reference_model": make_model("gpt2")})
+        run_selector(context(model), "cosine", {"reference_model": make_model("gpt2")})
     with pytest.raises(ValueError, match="every candidate scored cosine 1.*reference model equals the original"):
-        select_neurons(context(model), "cosine", {"reference_model": copy.deepcopy(model)})
+        run_selector(context(model), "cosine", {"reference_model": copy.deepcopy(model)})
     with pytest.raises(ValueError, match="could not load reference_model='/no/such/folder'"):
-        select_neurons(context(model), "cosine", {"reference_model": "/no/such/folder"})
+        run_selector(context(model), "cosine", {"reference_model": "/no/such/folder"})
     with pytest.raises(ValueError, match="does not run when reference_model is given"):
-        select_neurons(context(model), "cosine", {"reference_model": model, "probe_steps": 3})
+        run_selector(context(model), "cosine", {"reference_model": model, "probe_steps": 3})
 
 
 def test_probe_deltas_equal_a_real_fine_tune_of_the_candidate_projections():
@@ -105,8 +105,8 @@ def test_probe_deltas_equal_a_real_fine_tune_of_the_candidate_projections():
                                    atol=2e-6)
     assert probe.deltas["model.layers.0.mlp.up_proj"].abs().max() > 1e-4  # it did train
     # so the probe's selection is the selection against that fine-tuned model
-    from_probe = select_neurons(ctx, "cosine", {"probe_steps": 3, "probe_learning_rate": 1e-3})
-    from_reference = select_neurons(context(model, num_neurons=10), "cosine", {"reference_model": tuned})
+    from_probe = run_selector(ctx, "cosine", {"probe_steps": 3, "probe_learning_rate": 1e-3})
+    from_reference = run_selector(context(model, num_neurons=10), "cosine", {"reference_model": tuned})
     assert from_probe == from_reference
 
 
@@ -160,7 +160,7 @@ def test_data_driven_selectors_on_a_quantized_model_keep_its_weights(tiny_llama_
     for selector, kwargs in [("cosine", {"probe_steps": 2, "probe_learning_rate": 1e-3}), ("activation", {}),
                              ("gradient", {"calibration_batches": 1})]:
         before = snapshot(model)
-        mask = select_neurons(context(model, batches, num_neurons=6), selector, kwargs)
+        mask = run_selector(context(model, batches, num_neurons=6), selector, kwargs)
         assert mask.num_selected == 6, selector
         for name, value in model.state_dict().items():
             assert value.dtype == before[0][name].dtype and torch.equal(value, before[0][name]), (selector, name)

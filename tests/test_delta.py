@@ -94,12 +94,19 @@ def test_delta_mode_freezes_base_and_optimizes_only_deltas(tmp_path):
 def test_saved_delta_loads_and_merges_to_the_trained_model(tmp_path):
     trainer = _train(tmp_path, make_model("llama"), "delta")
     out = tmp_path / "saved"
+    base = {n: p.clone() for n, p in trainer.model.named_parameters() if ".neft_delta." not in n}
     trainer.save_model(str(out))
     expected = _logits(trainer.model)
     config = json.loads((out / DELTA_CONFIG_FILENAME).read_text())
     assert config["neft_mode"] == "delta" and config["selector"] == "random" and "neuron_ratio" in config["budget"]
-    assert not (out / "model.safetensors").exists()  # delta mode saves the deltas, not the model
-    assert (out / "tokenizer.json").is_file()  # but the tokenizer beside them, as SFTTrainer does
+    assert (out / "tokenizer.json").is_file()  # the tokenizer beside them, as SFTTrainer does
+    # full precision: a plain merged checkpoint too, written without changing the in-memory base weights
+    for name, param in trainer.model.named_parameters():
+        if name in base:
+            assert torch.equal(param, base[name]), name
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(".neft_delta." in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(_logits(plain), expected, rtol=1e-5, atol=1e-5)
 
     loaded = load_neuron_delta(make_model("llama"), out)
     torch.testing.assert_close(_logits(loaded), expected)
@@ -162,10 +169,10 @@ def test_resume_gives_the_same_deltas_as_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(resumed.neuron_training.deltas[name].weight, delta.weight, rtol=0, atol=1e-7)
 
 
-def test_auto_mode_picks_hooks_in_full_precision(tmp_path):
+def test_auto_mode_picks_delta_in_full_precision(tmp_path):
     args = tiny_args(tmp_path, selector="random")
     trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), args=args, processing_class=make_tokenizer())
-    assert trainer.neft_mode == "hooks"
+    assert trainer.neft_mode == "delta"
 
 
 def test_load_best_model_at_end_loads_the_best_deltas(tmp_path):

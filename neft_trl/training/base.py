@@ -8,12 +8,14 @@ chose its neurons.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..mask import NeuronMask
+from ..mask import MASK_FILENAME, NeuronMask
 from ..neurons import NeuronMap
 
 
@@ -62,6 +64,44 @@ class NeuronTraining(ABC):
     def trainable_parameter_count(self) -> int:
         return self.mask.trainable_parameters
 
-    def save(self, output_dir: str) -> None:
-        """Write this mode's trained state to ``output_dir`` (only called when ``saves_model_itself``)."""
-        return None
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters an optimizer must hold: every one this mode made trainable (nothing else is)."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def make_optimizer(
+        self, optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW, weight_decay: float = 0.0, **kwargs: Any
+    ) -> torch.optim.Optimizer:
+        """An optimizer over the trainable neurons that never moves a frozen one, for custom training loops.
+
+        Biases and the names in ``no_decay_parameter_names`` go to a group without weight decay (the Trainer's
+        rule); ``install_weight_decay`` then adds this mode's own decay where the optimizer's would touch
+        frozen neurons (hooks mode). ``kwargs`` go to ``optimizer_cls`` (``lr=...``).
+        """
+        excluded = self.no_decay_parameter_names()
+        decay, no_decay = [], []
+        for name, param in self.named_trainable_parameters():
+            (no_decay if name in excluded or name.endswith("bias") else decay).append(param)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = optimizer_cls([g for g in groups if g["params"]], **kwargs)
+        self.install_weight_decay(optimizer, weight_decay)
+        return optimizer
+
+    def merge(self) -> nn.Module:
+        """Leave the trained neurons in plain weights and detach: the model then trains and saves as usual."""
+        self.detach()
+        return self.model
+
+    def save(self, output_dir: str | os.PathLike) -> None:
+        """Write the neuron mask, then this mode's trained state (``save_trained``), into ``output_dir``.
+
+        The mask goes first, so a folder that holds trained weights always holds the mask they were trained on.
+        """
+        self.mask.save(os.path.join(output_dir, MASK_FILENAME))
+        self.save_trained(output_dir)
+
+    def save_trained(self, output_dir: str | os.PathLike) -> None:
+        """The trained state alone: the full model (``save_pretrained``) where the weights themselves trained."""
+        if not hasattr(self.model, "save_pretrained"):
+            raise TypeError(f"{type(self.model).__name__} has no save_pretrained(): save model.state_dict() with "
+                            "safetensors yourself, or use neft_mode='delta' (which saves only the neurons).")
+        self.model.save_pretrained(output_dir)

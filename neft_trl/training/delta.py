@@ -18,17 +18,19 @@ TRL's bf16 cast of a quantized model's trainable parameters never reaches them.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .. import __version__
-from ..layers import features
+from ..layers import features, is_quantized
 from ..mask import NeuronMask
 from ..neurons import NeuronMap
 from .base import NeuronTraining
 from .delta_io import DELTA_FILENAME, check_delta_fits, read_neuron_delta, save_neuron_delta
-from .delta_layer import NeuronDelta, attach_delta, detach_delta
+from .delta_layer import DELTA_ATTRIBUTE, NeuronDelta, attach_delta, detach_delta
 
 
 class DeltaTraining(NeuronTraining):
@@ -75,8 +77,50 @@ class DeltaTraining(NeuronTraining):
     def trainable_parameter_count(self) -> int:
         return sum(p.numel() for d in self.deltas.values() for p in d.parameters())
 
-    def save(self, output_dir: str) -> None:
-        """``neft_delta.safetensors`` + ``neft_delta_config.json`` (the trainer adds the neuron mask)."""
+    @property
+    def quantized(self) -> bool:
+        return any(is_quantized(self.neuron_map.by_name[name].module) for name in self.deltas)
+
+    def merge(self) -> nn.Module:
+        """Fold the deltas into the full-precision weights (selected neurons only) and detach them.
+
+        A 4/8-bit base cannot take the deltas in place: save them (``save``) and use ``merge_neuron_delta``,
+        which dequantizes first.
+        """
+        if self.quantized:
+            raise ValueError("Cannot merge neuron deltas into 4/8-bit weights in place: handle.save(dir), then "
+                             "neft_trl.merge_neuron_delta(base_model, dir) dequantizes the base and merges.")
+        for name, delta in self.deltas.items():
+            delta.merge_into(self.neuron_map.by_name[name].module)
+        self.detach()
+        return self.model
+
+    @contextmanager
+    def merged(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield the model's state dict with the deltas folded into its weights, without the delta parameters.
+
+        The base weights are written in place (selected slices only) for the block and restored bit-exactly
+        after it, so this costs a copy of the selected neurons, not of the model.
+        """
+        if self.quantized:
+            raise ValueError("A 4/8-bit base has no full-precision weights to merge into: use merge_neuron_delta.")
+        modules = {name: self.neuron_map.by_name[name].module for name in self.deltas}
+        saved = {name: delta.selected_slices(modules[name]) for name, delta in self.deltas.items()}
+        try:
+            for name, delta in self.deltas.items():
+                delta.merge_into(modules[name])
+            yield {k: v for k, v in self.model.state_dict().items() if f".{DELTA_ATTRIBUTE}." not in k}
+        finally:
+            for name, delta in self.deltas.items():
+                delta.restore_slices(modules[name], saved[name])
+
+    def save_merged(self, output_dir: str | os.PathLike) -> None:
+        """A plain HF checkpoint (deltas merged) that ``from_pretrained`` loads, e.g. beside the delta files."""
+        with self.merged() as state_dict:
+            self.model.save_pretrained(output_dir, state_dict=state_dict)
+
+    def save_trained(self, output_dir: str | os.PathLike) -> None:
+        """``neft_delta.safetensors`` + ``neft_delta_config.json``."""
         config = getattr(self.model, "config", None)
         save_neuron_delta(self.deltas, output_dir, {
             "base_model_name_or_path": getattr(config, "_name_or_path", None),

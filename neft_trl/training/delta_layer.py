@@ -85,14 +85,40 @@ class NeuronDelta(nn.Module):
             full[:, self.index] = self.weight.float()
         return full
 
+    def stored(self, module: nn.Module) -> tuple[int, torch.Tensor]:
+        """``(dim, values)``: the dimension of ``module.weight`` that indexes neurons, and this delta in that layout."""
+        transposed = is_transposed(module)
+        dim = (0 if self.is_input else 1) ^ int(transposed)
+        return dim, (self.weight.t() if transposed else self.weight)
+
     @torch.no_grad()
     def merge_into(self, module: nn.Module) -> None:
-        """Add this delta to a full-precision layer's own weight (and bias), respecting its storage layout."""
+        """Add this delta to a full-precision layer's own weight (and bias), in place, on the selected neurons only.
+
+        Only the selected rows/columns are written (``index_add_``), so every other element keeps its exact bits.
+        """
         weight = module.weight
-        full = self.dense().to(weight.device)
-        weight.add_((full.t() if is_transposed(module) else full).to(weight.dtype))
+        dim, values = self.stored(module)
+        weight.index_add_(dim, self.index.to(weight.device), values.to(device=weight.device, dtype=weight.dtype))
         if self.bias is not None:
             module.bias.index_add_(0, self.index.to(module.bias.device), self.bias.to(module.bias.dtype))
+
+    @torch.no_grad()
+    def selected_slices(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copies of the weight (and bias) slices this delta merges into, so a merge can be undone bit-exactly."""
+        dim, _ = self.stored(module)
+        index = self.index.to(module.weight.device)
+        bias = module.bias.index_select(0, index) if self.bias is not None else None
+        return module.weight.index_select(dim, index), bias
+
+    @torch.no_grad()
+    def restore_slices(self, module: nn.Module, slices: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        """Write back what ``selected_slices`` copied: the layer's exact pre-merge values."""
+        dim, _ = self.stored(module)
+        index = self.index.to(module.weight.device)
+        module.weight.index_copy_(dim, index, slices[0])
+        if slices[1] is not None:
+            module.bias.index_copy_(0, index, slices[1])
 
     def extra_repr(self) -> str:
         kind = "rows" if self.is_input else "columns"

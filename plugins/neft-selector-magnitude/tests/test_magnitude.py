@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 import neft_trl
 from neft_trl import NeFTConfig, NeFTSFTTrainer, build_neuron_map
 from neft_trl.budget import Budget
-from neft_trl.selection import select_neurons
+from neft_trl.selection import run_selector
 
 WORDS = "the cat sat on a mat and ran to the red log".split()
 
@@ -50,7 +50,7 @@ def test_scores_are_the_norms_of_the_neuron_vectors(p):
     up, down = "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"
     assert torch.allclose(scores[up], mlp.up_proj.weight.norm(p=p, dim=1))
     assert torch.allclose(scores[down], mlp.down_proj.weight.norm(p=p, dim=0))
-    mask = select_neurons(context, "magnitude")
+    mask = run_selector(context, "magnitude")
     assert mask.indices(up).tolist() == [5] and mask.indices(down).tolist() == [7]
 
 

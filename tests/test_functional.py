@@ -1,0 +1,101 @@
+"""The functional API: select_neurons -> apply_neurons -> any optimizer loop, without a Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, make_dataset, make_model, make_tokenizer, tiny_args
+
+from neft_trl import NeFTSFTTrainer, NeuronMask, apply_neurons, select_neurons
+from neft_trl.training.delta_io import DELTA_FILENAME
+
+
+def _batches(n: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 64, (2, 9), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def _train(model, mask, mode, steps=3, weight_decay=0.1):
+    handle = apply_neurons(model, mask, mode)
+    optimizer = handle.make_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=weight_decay)
+    for batch in _batches(steps):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return handle
+
+
+@pytest.mark.parametrize("mode", ["delta", "hooks"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_only_the_mask_trains_and_detach_restores_the_model(arch, mode):
+    model = make_model(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    mask = select_neurons(model, _batches(2), "gradient", neuron_ratio=0.2, calibration_batches=2)
+    handle = _train(model, mask, mode)
+    merged = handle.merge()  # delta: folded into the weights; hooks: the weights already hold the training
+    assert merged is model and not any(".neft_delta." in n for n, _ in model.named_parameters())
+    for proj in handle.neuron_map:
+        weight, old = proj.module.weight.detach(), before[f"{proj.name}.weight"]
+        moved = (weight != old).any(dim=1 - proj.neuron_dim)
+        selected = mask.selected[proj.name]
+        assert not moved[~selected].any(), f"a frozen neuron of {proj.name} moved"
+        assert moved[selected].all(), f"a selected neuron of {proj.name} did not move"
+    trained = {f"{p.name}.weight" for p in handle.neuron_map} | {f"{p.name}.bias" for p in handle.neuron_map
+                                                                   if p.trains_bias}
+    for name, param in model.named_parameters():
+        if name not in trained:
+            assert torch.equal(param, before[name]), f"{name} changed"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # detach restored every flag
+
+
+def test_detach_without_merge_gives_back_the_base_function():
+    model = make_model("llama")
+    batch = _batches(1, seed=5)[0]
+    with torch.no_grad():
+        expected = model(**batch).logits
+    mask = select_neurons(model, None, "random", neuron_ratio=0.3, seed=1)
+    handle = _train(model, mask, "delta")
+    with torch.no_grad():
+        assert not torch.equal(model(**batch).logits, expected)
+        handle.detach()
+        assert torch.equal(model(**batch).logits, expected)
+
+
+def test_save_writes_mask_and_deltas(tmp_path):
+    model = make_model("llama")
+    mask = select_neurons(model, None, "random", num_neurons=12)
+    _train(model, mask, "delta").save(tmp_path)
+    assert NeuronMask.load(tmp_path) == mask and (tmp_path / DELTA_FILENAME).is_file()
+
+
+def test_a_mask_from_another_model_names_the_shapes():
+    mask = select_neurons(make_model("llama"), None, "random", num_neurons=5)
+    with pytest.raises(ValueError, match="absent|vs"):
+        apply_neurons(make_model("qwen2"), mask)
+
+
+def test_trainer_and_functional_api_train_the_same_weights(tmp_path):
+    """One mechanism: the trainer's selection and training are the functional calls with the trainer's data."""
+    args = tiny_args(tmp_path, selector="random", neuron_ratio=0.25, neft_mode="delta", max_steps=3,
+                     learning_rate=1e-2, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+                     optim="adamw_torch")
+    trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), args=args, processing_class=make_tokenizer())
+    batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()][:3]  # the run's own batches
+    trainer.train()
+
+    model = make_model("llama")
+    mask = select_neurons(model, None, "random", neuron_ratio=0.25, seed=args.seed)
+    assert mask == trainer.neuron_mask
+    handle = apply_neurons(model, mask, "delta")
+    optimizer = handle.make_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
+    for batch in batches:
+        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, delta in trainer.neuron_training.deltas.items():
+        torch.testing.assert_close(handle.deltas[name].weight, delta.weight, rtol=0, atol=1e-6)
