@@ -105,14 +105,14 @@ def test_probe_deltas_equal_a_real_fine_tune_of_the_candidate_projections():
                                    atol=2e-6)
     assert probe.deltas["model.layers.0.mlp.up_proj"].abs().max() > 1e-4  # it did train
     # so the probe's selection is the selection against that fine-tuned model
-    from_probe = run_selector(ctx, "cosine", {"probe_steps": 3, "probe_learning_rate": 1e-3})
+    from_probe = run_selector(ctx, "cosine", {"probe": "full", "probe_steps": 3, "probe_learning_rate": 1e-3})
     from_reference = run_selector(context(model, num_neurons=10), "cosine", {"reference_model": tuned})
     assert from_probe == from_reference
 
 
-@pytest.mark.parametrize("train_mode", [True, False])
-def test_probe_leaves_model_optimizer_and_rng_untouched(tmp_path, train_mode):
-    args = tiny_args(tmp_path, num_neurons=9, selector_kwargs={"probe_steps": 4}, weight_decay=0.1,
+@pytest.mark.parametrize(("train_mode", "probe"), [(True, "sketch"), (False, "sketch"), (True, "full")])
+def test_probe_leaves_model_optimizer_and_rng_untouched(tmp_path, train_mode, probe):
+    args = tiny_args(tmp_path, num_neurons=9, selector_kwargs={"probe_steps": 4, "probe": probe}, weight_decay=0.1,
                      gradient_accumulation_steps=2)
     trainer = NeFTSFTTrainer(make_model("gpt2"), make_dataset(), args=args, processing_class=make_tokenizer())
     model = trainer.model.train(train_mode)
@@ -125,7 +125,9 @@ def test_probe_leaves_model_optimizer_and_rng_untouched(tmp_path, train_mode):
     assert trainer.optimizer is None and trainer.lr_scheduler is None
     meta = mask.metadata
     assert meta["probe_steps"] == "4" and float(meta["probe_learning_rate"]) == args.learning_rate
-    assert 0 < int(meta["probe_state_bytes"]) < int(meta["full_finetune_state_bytes"])
+    full_probe_bytes = 16 * sum(p.module.weight.numel() for p in trainer.neuron_map)  # deltas, grads, 2 moments
+    state = int(meta["probe_state_bytes"])
+    assert meta["probe"] == probe and 0 < state and (state < full_probe_bytes) == (probe == "sketch")
     trainer.train()  # and the run itself proceeds normally on the selected neurons
     assert trainer.neuron_mask == mask
 
@@ -133,13 +135,14 @@ def test_probe_leaves_model_optimizer_and_rng_untouched(tmp_path, train_mode):
 def test_default_probe_steps_is_a_twentieth_of_the_run_capped_at_50():
     def run(max_steps, batches=40, accumulation=1, epochs=3.0):
         args = SimpleNamespace(max_steps=max_steps, gradient_accumulation_steps=accumulation, num_train_epochs=epochs)
-        return SimpleNamespace(args=args, get_train_dataloader=lambda: range(batches))
+        return SimpleNamespace(trainer=SimpleNamespace(args=args, get_train_dataloader=lambda: range(batches)))
 
     assert default_probe_steps(run(3)) == 1
     assert default_probe_steps(run(100)) == 5
     assert default_probe_steps(run(100_000)) == 50
     assert default_probe_steps(run(-1, batches=40, accumulation=2, epochs=3)) == 3  # 20 steps x 3 epochs
-    assert default_probe_steps(None) == 50
+    assert default_probe_steps(SimpleNamespace(trainer=None, batches=[{}] * 7)) == 7  # one pass over a list
+    assert default_probe_steps(SimpleNamespace(trainer=None, batches=lambda n: iter([]))) == 50
 
 
 # -- quantized models (bitsandbytes on CPU) ------------------------------------------------------------
@@ -157,8 +160,9 @@ def test_data_driven_selectors_on_a_quantized_model_keep_its_weights(tiny_llama_
     config = BitsAndBytesConfig(load_in_4bit=True) if quant == "nf4" else BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_path, quantization_config=config)
     batches = make_batches(list(make_dataset(4)["text"]))
-    for selector, kwargs in [("cosine", {"probe_steps": 2, "probe_learning_rate": 1e-3}), ("activation", {}),
-                             ("gradient", {"calibration_batches": 1})]:
+    for selector, kwargs in [("cosine", {"probe_steps": 2, "probe_learning_rate": 1e-3}),
+                             ("cosine", {"probe": "full", "probe_steps": 2, "probe_learning_rate": 1e-3}),
+                             ("activation", {}), ("gradient", {"calibration_batches": 1})]:
         before = snapshot(model)
         mask = run_selector(context(model, batches, num_neurons=6), selector, kwargs)
         assert mask.num_selected == 6, selector

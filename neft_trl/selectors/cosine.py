@@ -24,9 +24,13 @@ from ..neurons import NeuronMap, Projection, neuron_vectors
 from ..plugins import hookimpl
 from .base import NeuronSelector, SelectionContext
 from .probe import default_probe_steps, run_probe
+from .sketch_probe import DEFAULT_SKETCH_DIM, run_sketch_probe
 
 #: ``change(projection, original_dense_weight) -> fp32 [out, in]``: fine-tuned minus original weight.
 Change = Callable[[Projection, torch.Tensor], torch.Tensor]
+#: ``dot_sums(projection) -> fp64 [num_neurons, 3]``: ``|a|^2, |b|^2, a.b`` of original ``a`` and fine-tuned ``b``.
+DotSums = Callable[[Projection], torch.Tensor]
+PROBES = ("sketch", "full")
 CHUNK = 4096  # neurons per fp64 block: bounds the scoring's extra memory on large layers
 
 
@@ -41,14 +45,23 @@ class CosineSelector(NeuronSelector):
             most 50, so selection stays well within 10% of the run; 50 where the run length is unknown.
         probe_learning_rate: the probe's learning rate. Default: the trainer's ``learning_rate`` (2e-5,
             the paper's, outside a trainer).
+        probe: ``"sketch"`` (default): the memory-bounded probe of ``sketch_probe.py`` (per-neuron state only,
+            first order, per-neuron Adam); ``"full"``: the paper's probe, full-size deltas trained with the run's
+            own optimizer (16 bytes per up/down weight; ``probe.py``).
+        sketch_dim: the sketch probe's random-projection size (default 128: ~12% error on ``|c|^2``).
     """
 
     name = "cosine"
     keep = "lowest"
 
     def __init__(self, reference_model: str | os.PathLike | nn.Module | None = None, probe_steps: int | None = None,
-                 probe_learning_rate: float | None = None):
+                 probe_learning_rate: float | None = None, probe: str = "sketch",
+                 sketch_dim: int = DEFAULT_SKETCH_DIM):
         super().__init__()
+        if probe not in PROBES:
+            raise ValueError(f"Selector 'cosine': probe={probe!r} is not one of {PROBES}.")
+        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
+            raise ValueError(f"Selector 'cosine': sketch_dim must be a positive integer, got {sketch_dim!r}.")
         if reference_model is not None and not isinstance(reference_model, (str, os.PathLike, nn.Module)):
             raise ValueError(f"Selector 'cosine': reference_model must be a folder path or a model, got "
                              f"{type(reference_model).__name__}.")
@@ -63,23 +76,31 @@ class CosineSelector(NeuronSelector):
         self.reference_model = reference_model
         self.probe_steps = probe_steps
         self.probe_learning_rate = probe_learning_rate
+        self.probe = probe
+        self.sketch_dim = sketch_dim
 
     def score(self, context: SelectionContext) -> dict[str, torch.Tensor]:
         if self.reference_model is not None:
             reference, source = _load_reference(self.reference_model)
             self.metadata["reference_model"] = source
-            scores = cosine_scores(context.neuron_map, _reference_change(context.neuron_map, reference, source))
+            change = _reference_change(context.neuron_map, reference, source)
+            scores = cosine_scores(context.neuron_map, _change_sums(change))
             del reference
-        else:
-            steps = self.probe_steps or default_probe_steps(context.trainer)
+        elif self.probe == "full":
+            steps = self.probe_steps or default_probe_steps(context)
             result = run_probe(context, steps, self.probe_learning_rate)
             self.metadata.update(
-                probe_steps=str(result.steps), probe_learning_rate=f"{result.learning_rate:g}",
+                probe="full", probe_steps=str(result.steps), probe_learning_rate=f"{result.learning_rate:g}",
                 probe_state_bytes=str(result.state_bytes),
                 full_finetune_state_bytes=str(result.full_finetune_state_bytes),
             )
-            scores = cosine_scores(context.neuron_map, lambda proj, weight: result.deltas[proj.name])
+            scores = cosine_scores(context.neuron_map, _change_sums(lambda proj, weight: result.deltas[proj.name]))
             del result
+        else:
+            steps = self.probe_steps or default_probe_steps(context)
+            sums, facts = run_sketch_probe(context, steps, self.probe_learning_rate, self.sketch_dim)
+            self.metadata.update(facts)
+            scores = cosine_scores(context.neuron_map, lambda proj: sums[proj.name])
         if all(bool((s == 0).all()) for s in scores.values()):
             how = "the reference model equals the original" if self.reference_model is not None else (
                 "the probe changed no weight (learning rate 0, or no gradient reached the MLPs?)")
@@ -88,11 +109,11 @@ class CosineSelector(NeuronSelector):
         return scores
 
 
-def cosine_scores(neuron_map: NeuronMap, change: Change) -> dict[str, torch.Tensor]:
+def cosine_scores(neuron_map: NeuronMap, dot_sums: DotSums) -> dict[str, torch.Tensor]:
     """``cos - 1`` per candidate of every group, from fp64 sums of ``a.a``, ``b.b``, ``a.b`` over its vectors."""
     scores = {}
     for group in neuron_map.groups:
-        sums = sum(_dot_sums(proj, change) for proj in group.projections)
+        sums = sum(dot_sums(proj) for proj in group.projections)
         aa, bb, ab = sums.unbind(1)
         norms = (aa * bb).sqrt()
         cos = torch.where(norms > 0, ab / norms.clamp_min(torch.finfo(torch.float64).tiny),
@@ -101,17 +122,22 @@ def cosine_scores(neuron_map: NeuronMap, change: Change) -> dict[str, torch.Tens
     return scores
 
 
-def _dot_sums(proj: Projection, change: Change) -> torch.Tensor:
-    """``[num_neurons, 3]`` fp64: ``|a|^2``, ``|b|^2``, ``a.b`` for original ``a`` and fine-tuned ``b = a + change``."""
-    weight = dense_weight(proj.module)
-    a_all = neuron_vectors(proj, weight)
-    c_all = neuron_vectors(proj, change(proj, weight))
-    parts = []
-    for start in range(0, a_all.shape[0], CHUNK):
-        a = a_all[start:start + CHUNK].double()
-        b = a + c_all[start:start + CHUNK].double()
-        parts.append(torch.stack([(a * a).sum(1), (b * b).sum(1), (a * b).sum(1)], dim=1))
-    return torch.cat(parts).cpu()
+def _change_sums(change: Change) -> DotSums:
+    """Dot sums from a dense change per projection (a reference model, or the full probe's deltas)."""
+
+    def dot_sums(proj: Projection) -> torch.Tensor:
+        """``[num_neurons, 3]`` fp64: ``|a|^2``, ``|b|^2``, ``a.b`` for original ``a`` and ``b = a + change``."""
+        weight = dense_weight(proj.module)
+        a_all = neuron_vectors(proj, weight)
+        c_all = neuron_vectors(proj, change(proj, weight))
+        parts = []
+        for start in range(0, a_all.shape[0], CHUNK):
+            a = a_all[start:start + CHUNK].double()
+            b = a + c_all[start:start + CHUNK].double()
+            parts.append(torch.stack([(a * a).sum(1), (b * b).sum(1), (a * b).sum(1)], dim=1))
+        return torch.cat(parts).cpu()
+
+    return dot_sums
 
 
 def _load_reference(reference: Any) -> tuple[nn.Module, str]:

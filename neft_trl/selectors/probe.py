@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,9 +50,18 @@ class ProbeResult:
     full_finetune_state_bytes: int  # gradients + the same optimizer state for every parameter of the model
 
 
-def default_probe_steps(trainer: Trainer | None) -> int:
-    """``run_steps // 20`` (at least 1) capped at 50, so selection stays well within 10% of the run; 50 if unknown."""
-    total = _run_steps(trainer) if trainer is not None else None
+def default_probe_steps(context: SelectionContext) -> int:
+    """In a trainer, ``run_steps // 20`` (at least 1) capped at 50, so selection stays well within 10% of the run.
+
+    Outside a trainer (``select_neurons``), one pass over the batches given as a list (at most 50); 50 where
+    neither is known (a generator of batches).
+    """
+    if context.trainer is not None:
+        total = _run_steps(context.trainer)
+    elif isinstance(context.batches, Sequence):
+        return max(1, min(MAX_DEFAULT_PROBE_STEPS, len(context.batches)))
+    else:
+        total = None
     if total is None:
         return MAX_DEFAULT_PROBE_STEPS
     return max(1, min(MAX_DEFAULT_PROBE_STEPS, int(total * PROBE_SHARE_OF_RUN)))
@@ -60,12 +70,18 @@ def default_probe_steps(trainer: Trainer | None) -> int:
 def run_probe(context: SelectionContext, steps: int, learning_rate: float | None) -> ProbeResult:
     """Fine-tune deltas of every candidate projection for ``steps`` optimizer steps; the model is left untouched."""
     model = context.model
+    elements = sum(math.prod(features(proj.module)) for proj in context.neuron_map)
+    logger.info(
+        "NeFT cosine probe (full): full-size fp32 deltas of %s weights, about %.2f GiB with their gradients and "
+        "AdamW moments (16 bytes a weight); selector_kwargs={'probe': 'sketch'} bounds this by the neurons",
+        f"{elements:,}", 16 * elements / 2**30,
+    )
     deltas = {}
     for proj in context.neuron_map:
         in_features, out_features = features(proj.module)
         deltas[proj.name] = torch.zeros(out_features, in_features, dtype=torch.float32,
                                         device=proj.module.weight.device, requires_grad=True)
-    optimizer, scheduler, accumulation, max_grad_norm = _optimizer(context, list(deltas.values()), steps,
+    optimizer, scheduler, accumulation, max_grad_norm = optimizer_and_schedule(context, list(deltas.values()), steps,
                                                                    learning_rate)
     lr = optimizer.param_groups[0]["lr"] if scheduler is None else scheduler.base_lrs[0]
     # Reentrant gradient checkpointing only back-propagates into checkpointed blocks whose inputs need grad.
@@ -103,8 +119,14 @@ def _add_delta(delta: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> to
     return output + F.linear(x.to(delta.dtype), delta).to(output.dtype)
 
 
-def _optimizer(context: SelectionContext, params: list[torch.Tensor], steps: int, learning_rate: float | None):
-    """The trainer's optimizer class and kwargs, schedule, accumulation and clipping, applied to the deltas."""
+def optimizer_and_schedule(
+    context: SelectionContext, params: list[torch.Tensor], steps: int, learning_rate: float | None
+):
+    """The trainer's optimizer class and kwargs, schedule, accumulation and clipping, applied to ``params``.
+
+    Both probes use it: the full probe steps this optimizer on its deltas, the sketch probe reads its
+    learning rate, betas and eps (its optimizer holds one dummy element) and steps the schedule.
+    """
     trainer = context.trainer
     if trainer is None:
         optimizer = torch.optim.AdamW(params, lr=learning_rate or PAPER_LEARNING_RATE, weight_decay=0.0)
