@@ -191,3 +191,19 @@ def test_four_bit_base_takes_the_adapter_like_a_qlora_adapter(tmp_path):
     # The same 4-bit base and the same fp32 update (B @ A is the delta exactly): measured max |diff| 0.0 on this
     # CPU; the tolerance allows for kernels that sum the LoRA product in another order.
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_delta_file_without_a_recorded_layout_needs_the_base(tmp_path):
+    from neft_trl.training.delta_io import save_neuron_delta
+
+    delta = NeuronDelta(torch.tensor([0, 2]), True, 32, 48)
+    torch.nn.init.normal_(delta.weight)
+    name = "model.layers.0.mlp.up_proj"
+    save_neuron_delta({name: delta}, tmp_path / "old", {"neft_mode": "delta"})  # as saved before fan_in_fan_out
+    with pytest.raises(ValueError, match="does not record its layers' weight layout.*pass base_model"):
+        export_peft_adapter(tmp_path / "old", tmp_path / "a")
+    out = export_peft_adapter(tmp_path / "old", tmp_path / "a", base_model=make_model("llama"))
+    assert json.loads((out / ADAPTER_CONFIG_FILENAME).read_text())["fan_in_fan_out"] is False
+    save_neuron_delta({name: delta}, tmp_path / "mixed", {"neft_mode": "delta", "fan_in_fan_out": "mixed"})
+    with pytest.raises(ValueError, match="mix Conv1D"):
+        export_peft_adapter(tmp_path / "mixed", tmp_path / "b")
