@@ -9,6 +9,7 @@ from .plugins import available_selectors, get_selector, hookimpl, register_plugi
 from .selectors.base import NeuronSelector, SelectionContext
 from .trainer import NeFTSFTTrainer
 from .training.delta_io import load_neuron_delta, merge_neuron_delta
+from .training.peft_export import export_peft_adapter
 
 __version__ = "0.1.0"
 
@@ -23,6 +24,7 @@ __all__ = [
     "apply_neurons",
     "available_selectors",
     "build_neuron_map",
+    "export_peft_adapter",
     "get_selector",
     "hookimpl",
     "load_neuron_delta",

@@ -150,6 +150,19 @@ def _plots(args: argparse.Namespace) -> None:
             print(f"Plot: {png}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from .training.delta_io import DELTA_FILENAME
+    from .training.peft_export import ADAPTER_FILENAME, export_peft_adapter
+
+    try:
+        out = export_peft_adapter(args.run_dir, args.out, args.base_model, uniform_rank=args.uniform_rank)
+    except USER_ERRORS as err:
+        raise CLIError(_one_line(err)) from err
+    line = f"PEFT LoRA adapter: {out} ({(out / ADAPTER_FILENAME).stat().st_size:,} bytes"
+    delta = Path(args.run_dir) / DELTA_FILENAME
+    print(line + (f"; the run's {DELTA_FILENAME}: {delta.stat().st_size:,} bytes)" if delta.is_file() else ")"))
+
+
 # -- helpers -------------------------------------------------------------------------------------------
 def _write_plots(mask: NeuronMask, folder: Path, label: str) -> list[Path]:
     try:
@@ -223,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     plots = add("plots", "Write a heatmap and a per-layer bar chart (PNG) for each mask.", [], _plots)
     plots.add_argument("masks", nargs="+", metavar="MASK", help=f"{MASK_FILENAME} files or folders holding one.")
     plots.add_argument("--out", required=True, metavar="DIR", help="Folder for the PNG files.")
+    export = add("export", "Write a NeFT run as a PEFT LoRA adapter folder (for PEFT, vLLM, ...).", [], _export)
+    export.add_argument("run_dir", metavar="RUN_DIR", help="Output folder of a NeFT run (delta or hooks mode).")
+    export.add_argument("out", metavar="OUT", help="Folder for adapter_config.json + adapter_model.safetensors.")
+    export.add_argument("--format", choices=("peft",), default="peft", help="Adapter format (default: peft).")
+    export.add_argument("--base_model", metavar="PATH", default=None,
+                        help="The model the run started from: required for a hooks run (adapter = trained - base); "
+                             "for a delta run it is checked against the deltas.")
+    export.add_argument("--uniform_rank", action="store_true",
+                        help="Pad every module to the largest rank instead of per-module ranks (rank_pattern), "
+                             "for engines that read only the global r (llama.cpp, TGI).")
     return parser
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..layers import features, is_quantized
+from ..layers import features, is_quantized, is_transposed
 from ..mask import NeuronMask
 from ..neurons import NeuronMap
 from .base import NeuronTraining
@@ -122,6 +122,7 @@ class DeltaTraining(NeuronTraining):
     def save_trained(self, output_dir: str | os.PathLike) -> None:
         """``neft_delta.safetensors`` + ``neft_delta_config.json``."""
         config = getattr(self.model, "config", None)
+        layouts = {is_transposed(self.neuron_map.by_name[name].module) for name in self.deltas}
         save_neuron_delta(self.deltas, output_dir, {
             "base_model_name_or_path": getattr(config, "_name_or_path", None),
             "base_model_revision": getattr(config, "_commit_hash", None),
@@ -132,6 +133,8 @@ class DeltaTraining(NeuronTraining):
             "selected_neurons": self.mask.num_selected,
             "trainable_parameters": self.trainable_parameter_count(),
             "delta_dtype": str(self.dtype).removeprefix("torch."),
+            # weights stored [in, out] (GPT-2 Conv1D): what a PEFT LoRA export must declare (peft_export.py)
+            "fan_in_fan_out": layouts.pop() if len(layouts) == 1 else ("mixed" if layouts else None),
             "neft_trl_version": __version__,
         })
 
