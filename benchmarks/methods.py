@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from neft_trl.budget import Budget, select_top
-from neft_trl.layers import features, is_supported_layer, parameter_count
+from neft_trl.budget import Budget
+from neft_trl.estimate import lora_parameters_per_rank, lora_rank_for  # noqa: F401  (re-exported for the driver)
+from neft_trl.estimate import neft_trainable_parameters as _neft_trainable
+from neft_trl.layers import parameter_count
 from neft_trl.neurons import build_neuron_map
 
 FAMILIES = ("base", "full", "lora", "neft")
@@ -81,33 +82,8 @@ def default_methods(selectors: list[str], quantized_selector: str = "cosine") ->
     return names + [f"qneft-delta-{quantized_selector}", "qlora"]
 
 
-def lora_parameters_per_rank(model: nn.Module) -> int:
-    """Trainable parameters a rank-1 LoRA adds on all linear layers: ``sum(in + out)``, output head excluded."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    total = 0
-    for module in model.modules():
-        if module is head or not is_supported_layer(module):
-            continue
-        in_features, out_features = features(module)
-        total += in_features + out_features
-    if total == 0:
-        raise ValueError(f"{type(model).__name__} has no linear layers besides its output head: LoRA has no target.")
-    return total
-
-
 def neft_trainable_parameters(
     model: nn.Module, budget: Budget, unit: str = "vector", include_gate: bool = False
 ) -> int:
-    """Parameters NeFT trains under ``budget``, whatever the selector: the core's own ranking on constant scores.
-
-    Every selector keeps the same *number* of neurons for a budget (it only changes which), so ranking
-    constant scores with ``select_top`` gives the count without running a selector.
-    """
-    neuron_map = build_neuron_map(model, unit, include_gate)
-    flat = {g.key: torch.zeros(g.size) for g in neuron_map.groups}
-    return select_top(neuron_map, flat, budget, parameter_count(model)).trainable_parameters
-
-
-def lora_rank_for(model: nn.Module, trainable_parameters: int) -> int:
-    """The LoRA rank whose all-linear adapter is closest in size to ``trainable_parameters`` (at least 1)."""
-    return max(1, round(trainable_parameters / lora_parameters_per_rank(model)))
+    """Parameters NeFT trains under ``budget``, whatever the selector (see ``neft_trl.estimate``)."""
+    return _neft_trainable(build_neuron_map(model, unit, include_gate), budget, parameter_count(model))

@@ -163,6 +163,30 @@ def _export(args: argparse.Namespace) -> None:
     print(line + (f"; the run's {DELTA_FILENAME}: {delta.stat().st_size:,} bytes)" if delta.is_file() else ")"))
 
 
+def _estimate(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .budget import Budget
+    from .estimate import activation_bytes, estimate_lora, estimate_neft, format_table
+    from .neurons import build_neuron_map
+
+    try:
+        config = AutoConfig.from_pretrained(args.model)
+        budget = Budget.resolve(args.param_ratio, args.neuron_ratio, args.num_neurons)
+        with torch.device("meta"):  # shapes only: no weight is allocated or read
+            model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
+        neuron_map = build_neuron_map(model, include_gate=args.include_gate)
+        mode = "delta" if args.neft_mode == "auto" else args.neft_mode
+        neft = estimate_neft(model, neuron_map, budget, args.selector, mode, args.probe)
+    except USER_ERRORS as err:
+        raise CLIError(_one_line(err)) from err
+    lora = estimate_lora(model, neft.trainable_parameters)
+    print(f"{args.model}: {args.selector} selector ({args.probe} probe), neft_mode={mode}, {args.dtype}, {budget}")
+    print(format_table(neft, lora, activation_bytes(model, args.tokens, torch.finfo(getattr(torch, args.dtype)).bits
+                                                    // 8)))
+
+
 # -- helpers -------------------------------------------------------------------------------------------
 def _write_plots(mask: NeuronMask, folder: Path, label: str) -> list[Path]:
     try:
@@ -246,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--uniform_rank", action="store_true",
                         help="Pad every module to the largest rank instead of per-module ranks (rank_pattern), "
                              "for engines that read only the global r (llama.cpp, TGI).")
+    estimate = add("estimate", "Estimate NeFT's memory (selection and training) against LoRA at equal parameters, "
+                   "from the model's config alone (no weights loaded).", [], _estimate)
+    estimate.add_argument("model", metavar="MODEL", help="Model folder (or hub id, online) holding config.json.")
+    budget = estimate.add_mutually_exclusive_group()
+    budget.add_argument("--param_ratio", type=float, default=None, help="Share of all parameters (default 0.06).")
+    budget.add_argument("--neuron_ratio", type=float, default=None, help="Share of the candidate neurons.")
+    budget.add_argument("--num_neurons", type=int, default=None, help="Number of candidate neurons.")
+    estimate.add_argument("--selector", default="cosine", help="cosine, activation, gradient, random, ...")
+    estimate.add_argument("--probe", choices=("sketch", "full"), default="sketch", help="The cosine probe.")
+    estimate.add_argument("--neft_mode", choices=("auto", "hooks", "delta"), default="auto")
+    estimate.add_argument("--include_gate", action="store_true", help="gate_proj rows are candidates too.")
+    estimate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    estimate.add_argument("--tokens", type=int, default=2048, help="Tokens per batch for the activation figure.")
     return parser
 
 

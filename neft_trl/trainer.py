@@ -28,6 +28,7 @@ from .compat import (
 )
 from .config import NeFTConfig
 from .distributed import broadcast_mask, check_launch, check_sharded_setup
+from .estimate import log_estimate
 from .functional import apply_neurons
 from .layers import parameter_count
 from .mask import MASK_FILENAME, NeuronMask
@@ -100,6 +101,8 @@ class NeFTSFTTrainer(SFTTrainer):
         check_launch(self.accelerator)
         check_sharded_setup(self, self.neft_mode)
         self.model_parameter_count = parameter_count(self.model)  # before a training mode adds any deltas
+        self.memory_estimate = log_estimate(self.model, self.neuron_map, args.budget, args.selector, self.neft_mode,
+                                            args.selector_kwargs)
         self.neuron_mask: NeuronMask | None = neuron_mask
         self.neuron_training: NeuronTraining | None = None
         self._resume_checkpoint: str | None = None
