@@ -146,6 +146,28 @@ def _routed_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     return final
 
 
+def check_experts_quantized(model: nn.Module, fused: dict[str, nn.Module]) -> None:
+    """A bitsandbytes model whose fused experts bitsandbytes left in full precision is an error, not a 4-bit run.
+
+    bitsandbytes quantizes ``nn.Linear`` layers only; fused 3-D experts (most of an MoE model's weights) stay
+    in their load dtype, so "4-bit" NeFT would silently run with full-precision experts.
+    """
+    from .layers import is_quantized_model, parameter_count
+
+    if not fused or not is_quantized_model(model):
+        return
+    params = [(f"{name}.{p}", getattr(module, p)) for name, module in fused.items()
+              for p in ("gate_up_proj", "down_proj")]
+    count, share = sum(p.numel() for _, p in params), sum(p.numel() for _, p in params) / parameter_count(model)
+    raise ValueError(
+        f"bitsandbytes quantized only the nn.Linear layers of this model: its routed experts ({params[0][0]}, ... "
+        f"{len(params)} fused 3-D weights, {count:,} parameters = {share:.0%} of the model) stay "
+        f"{params[0][1].dtype}, so a 4/8-bit NeFT run would not quantize them. Load the model without "
+        "quantization_config (in bf16 or fp32) and train with neft_mode='delta' (frozen base, per-neuron deltas) or "
+        "'hooks'."
+    )
+
+
 def install_expert_views(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Give every fused experts module of ``model`` its views and route its forward through them (idempotent).
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .experts import expert_views, install_expert_views
+from .experts import check_experts_quantized, expert_views, install_expert_views
 from .layers import features, is_supported_layer, is_transposed
 
 #: Known MLP layouts: child names of the MLP module for the roles ``up``, ``gate`` (optional) and ``down``.
@@ -172,6 +172,7 @@ def build_neuron_map(
         if not {"up", "down"} <= layout.keys() or not layout.keys() <= {"up", "gate", "down"}:
             raise ValueError(f"neuron_modules={layout!r} must map 'up', 'down' and optionally 'gate' to child names.")
     fused = dict(install_expert_views(model))
+    check_experts_quantized(model, fused)
     layers: dict[str, int] = {}
     projections: list[Projection] = []
     for mlp_name, mlp in model.named_modules():

@@ -282,3 +282,36 @@ def test_copy_of_a_mapped_model_still_computes_through_its_own_views():
     with torch.no_grad():
         clone.model.layers[0].mlp.experts.down_proj.zero_()
     assert not torch.equal(logits(clone), logits(model))
+
+
+def test_bitsandbytes_leaves_fused_experts_unquantized_which_is_a_clear_error(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    make_moe("mixtral").save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    assert type(model.model.layers[0].mlp.experts.gate_up_proj).__name__ == "Parameter"  # bnb skipped it
+    with pytest.raises(ValueError, match=r"routed experts \(model\.layers\.0\.mlp\.experts\.gate_up_proj.*without "
+                                         r"quantization_config"):
+        build_neuron_map(model)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "delta"])
+def test_trainer_selects_and_trains_expert_neurons(tmp_path, mode):
+    from conftest import make_dataset, make_tokenizer, tiny_args
+
+    from neft_trl import NeFTSFTTrainer
+
+    model = make_moe("qwen2_moe")
+    router = model.model.layers[0].mlp.gate.weight.detach().clone()
+    args = tiny_args(tmp_path, selector="activation", selector_kwargs={"calibration_batches": 2},
+                     neuron_ratio=0.2, neft_mode=mode, neuron_scope="per_expert", save_strategy="no")
+    trainer = NeFTSFTTrainer(model, make_dataset(), args=args, processing_class=make_tokenizer())
+    trainer.train()
+    assert torch.equal(model.model.layers[0].mlp.gate.weight, router)  # the router never trains
+    report = trainer.neuron_report()
+    assert report.masks[0].per_expert == trainer.neuron_mask.per_expert_counts()
+    assert "layer_1_expert_3_neurons" in "".join(report.scalars())
+    assert "Neurons per routed expert" in report.to_markdown()
+    trainer.save_model()
+    assert NeuronMask.load(args.output_dir) == trainer.neuron_mask
