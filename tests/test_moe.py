@@ -11,10 +11,10 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig  # noqa: E402
 
 from neft_trl.budget import Budget, select_top
-from neft_trl.experts import is_expert_view
+from neft_trl.experts import is_expert_view, is_fused_experts
 from neft_trl.layers import parameter_count
 from neft_trl.mask import NeuronMask
 from neft_trl.neurons import build_neuron_map
@@ -22,11 +22,6 @@ from neft_trl.selection import select_neurons
 from neft_trl.selectors.base import SelectionContext
 from neft_trl.training import GradientMaskTraining
 from neft_trl.training.delta import DeltaTraining
-
-pytest.importorskip("transformers.integrations.moe", reason="fused 3-D experts need transformers >= 5 "
-                    "(4.x stores per-expert nn.Linear: see test_moe_per_expert_linear.py)")
-
-from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig  # noqa: E402
 
 COMMON = dict(vocab_size=64, pad_token_id=0, eos_token_id=2, bos_token_id=2, hidden_size=32, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
@@ -44,6 +39,11 @@ TRAINED = ["mixtral", "qwen2_moe", "olmoe"]
 def make_moe(arch: str, experts: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(MOE[arch](experts)).float()
+
+
+if not any(is_fused_experts(m) for m in make_moe("mixtral").modules()):
+    pytest.skip("this transformers stores experts as per-expert nn.Linear (4.x), not fused 3-D parameters: "
+                "see test_moe_per_expert_linear.py", allow_module_level=True)
 
 
 def batches(n: int = 3, seed: int = 1) -> list[dict[str, torch.Tensor]]:
@@ -315,3 +315,24 @@ def test_trainer_selects_and_trains_expert_neurons(tmp_path, mode):
     assert "Neurons per routed expert" in report.to_markdown()
     trainer.save_model()
     assert NeuronMask.load(args.output_dir) == trainer.neuron_mask
+
+
+def test_saved_expert_deltas_load_and_merge_into_a_fresh_model(tmp_path):
+    from neft_trl import load_neuron_delta, merge_neuron_delta
+    from neft_trl.plots import plot_mask
+
+    model = make_moe("qwen2_moe")
+    neuron_map = build_neuron_map(model)
+    mask = random_mask(neuron_map, model)
+    training = DeltaTraining(model, neuron_map, mask)
+    train(model, training)
+    trained = logits(model)
+    training.save(str(tmp_path))
+    loaded = load_neuron_delta(make_moe("qwen2_moe"), tmp_path)  # a fresh model: views installed on load
+    torch.testing.assert_close(logits(loaded), trained, rtol=0, atol=1e-6)
+    merged = merge_neuron_delta(make_moe("qwen2_moe"), tmp_path)
+    torch.testing.assert_close(logits(merged), trained, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="neft_experts"):
+        load_neuron_delta(make_moe("qwen2_moe", experts=2), tmp_path)  # experts 2, 3 are absent there
+    png = plot_mask(mask, tmp_path / "mask.png")
+    assert png.stat().st_size > 1000
