@@ -2,8 +2,9 @@
 
 The paper's budget is a share of *all* model parameters (NeFT 6% on Llama-2-7B = 100k neurons), so
 ``param_ratio`` is the default; ``neuron_ratio`` (share of candidate neurons) and ``num_neurons`` (a count)
-are the alternatives. Exactly one applies. Ranking pools all layers (``scope="global"``, the paper) or
-keeps the same share in every layer (``scope="per_layer"``).
+are the alternatives. Exactly one applies. Ranking pools all layers (``scope="global"``, the paper), keeps
+the same share in every layer (``scope="per_layer"``), or in every routed expert of a mixture-of-experts model
+(``scope="per_expert"``: each (layer, expert) is a pool, and a layer's dense or shared-expert MLP is one too).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .mask import NeuronMask
 from .neurons import NeuronGroup, NeuronMap
 
 DEFAULT_PARAM_RATIO = 0.06
-SCOPES = ("global", "per_layer")
+SCOPES = ("global", "per_layer", "per_expert")
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,10 @@ def select_top(
     if scope not in SCOPES:
         raise ValueError(f"neuron_scope={scope!r} is not one of {SCOPES}.")
     kind, amount = budget.target(neuron_map, total_parameters)
-    pools = [neuron_map.groups] if scope == "global" else _by_layer(neuron_map.groups)
+    if scope == "per_expert" and not neuron_map.num_experts:
+        raise ValueError("neuron_scope='per_expert' needs a mixture-of-experts model; this one has no routed experts: "
+                         "use 'global' or 'per_layer'.")
+    pools = [neuron_map.groups] if scope == "global" else _pools(neuron_map.groups, by_expert=scope == "per_expert")
     share = amount / (neuron_map.num_candidates if kind == "neurons" else neuron_map.candidate_parameters)
     chosen = {}
     for pool in pools:
@@ -134,8 +138,9 @@ def select_top(
     return NeuronMask.from_groups(neuron_map, chosen, meta)
 
 
-def _by_layer(groups: list[NeuronGroup]) -> list[list[NeuronGroup]]:
-    layers: dict[int, list[NeuronGroup]] = {}
+def _pools(groups: list[NeuronGroup], by_expert: bool) -> list[list[NeuronGroup]]:
+    """Groups pooled per layer, or per (layer, expert) where a layer's non-expert MLP is a pool of its own."""
+    pools: dict[tuple[int, int | None], list[NeuronGroup]] = {}
     for g in groups:
-        layers.setdefault(g.layer, []).append(g)
-    return list(layers.values())
+        pools.setdefault((g.layer, g.expert if by_expert else None), []).append(g)
+    return list(pools.values())

@@ -51,7 +51,8 @@ class NeFTConfig(SFTConfig):
     neuron_scope: str = field(
         default="global",
         metadata={"help": "'global' (the paper): rank all layers' candidates together. 'per_layer': keep the same "
-                          "share of candidates in every layer."},
+                          "share of candidates in every layer. 'per_expert' (MoE models): the same share in every "
+                          "routed expert of every layer."},
     )
     include_gate: bool = field(
         default=False,

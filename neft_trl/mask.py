@@ -27,7 +27,8 @@ class NeuronMask:
 
     Args:
         selected: module name -> bool tensor ``[num_neurons]``.
-        info: module name -> ``{"layer": int, "role": str, "params_per_neuron": int}``.
+        info: module name -> ``{"layer": int, "role": str, "params_per_neuron": int}``, plus ``"expert": int``
+            for a routed expert's projection (its masks are saved with the expert dimension that way).
         metadata: free-form string facts (model type, selector, budget...) saved with the mask.
     """
 
@@ -53,11 +54,15 @@ class NeuronMask:
             for proj in group.projections:
                 selected[proj.name] = chosen[group.key]
                 info[proj.name] = {"layer": proj.layer, "role": proj.role, "params_per_neuron": proj.params_per_neuron}
+                if proj.expert is not None:
+                    info[proj.name]["expert"] = proj.expert
+        experts = {"num_experts": str(neuron_map.num_experts)} if neuron_map.num_experts else {}
         meta = {
             "model_type": neuron_map.model_type,
             "num_layers": str(neuron_map.num_layers),
             "intermediate_size": str(neuron_map.intermediate_size),
             "neuron_unit": neuron_map.unit,
+            **experts,
             **(metadata or {}),
         }
         return cls(selected, info, meta)
@@ -82,6 +87,17 @@ class NeuronMask:
             layer = int(self.info[name]["layer"])
             counts[layer] = counts.get(layer, 0) + int(t.sum().item())
         return dict(sorted(counts.items()))
+
+    def per_expert_counts(self) -> dict[int, dict[int, int]]:
+        """``{layer: {expert: selected neuron vectors}}`` over routed experts (empty for a dense model)."""
+        counts: dict[int, dict[int, int]] = {}
+        for name, t in self.selected.items():
+            expert = self.info[name].get("expert")
+            if expert is None:
+                continue
+            per_layer = counts.setdefault(int(self.info[name]["layer"]), {})
+            per_layer[int(expert)] = per_layer.get(int(expert), 0) + int(t.sum().item())
+        return {layer: dict(sorted(c.items())) for layer, c in sorted(counts.items())}
 
     def per_module_counts(self) -> dict[str, int]:
         return {name: int(t.sum().item()) for name, t in self.selected.items()}
@@ -126,9 +142,10 @@ class NeuronMask:
         wanted = {p.name: p.num_neurons for p in neuron_map.projections}
         if wanted == self.shape():
             return
+        experts = f", {neuron_map.num_experts} experts per layer" if neuron_map.num_experts else ""
         self._raise_mismatch(
             wanted,
-            f"this model ({neuron_map.model_type}, {neuron_map.num_layers} layers, "
+            f"this model ({neuron_map.model_type}, {neuron_map.num_layers} layers{experts}, "
             f"intermediate size {neuron_map.intermediate_size})",
         )
 
@@ -145,8 +162,10 @@ class NeuronMask:
         ]
         layers = self.metadata.get("num_layers", "?")
         inter = self.metadata.get("intermediate_size", "?")
+        experts = f", {self.metadata['num_experts']} experts per layer" if "num_experts" in self.metadata else ""
         raise ValueError(
-            f"Neuron mask for {self.metadata.get('model_type', '?')} ({layers} layers, intermediate size {inter}, "
+            f"Neuron mask for {self.metadata.get('model_type', '?')} ({layers} layers{experts}, "
+            f"intermediate size {inter}, "
             f"{len(mine)} projections) does not fit {what} ({len(wanted)} projections). Differences (neurons per "
             f"projection): {'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}. Select a new mask for "
             "this model, or build the model with the same neuron_unit/include_gate settings."

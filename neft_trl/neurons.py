@@ -6,17 +6,25 @@ projection (``down_proj``: an "out" neuron). The map finds those projections in 
 for any architecture in ``ARCHITECTURES`` or any MLP described by ``neuron_modules``.
 
 ``NeuronGroup`` is the unit that is scored and ranked: one projection's neurons (``unit="vector"``, the
-paper) or all projections of one layer tied by index (``unit="mlp"``).
+paper) or all projections of one MLP tied by index (``unit="mlp"``).
+
+Mixture-of-experts layers: each routed expert is an MLP of its own, so a candidate is (layer, expert, role,
+index). Fused 3-D experts (transformers 5) are reached through expert views (``experts.py``); per-expert
+``nn.Linear`` MLPs (transformers 4.x, ``...experts.<e>``) are found like any MLP and tagged with their expert.
+A shared expert is an ordinary MLP of its layer (``expert`` is None). Layers are numbered by the decoder layer
+a module sits in (the first numeric component of its name), so a layer's experts share its number.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .experts import check_experts_quantized, expert_views, install_expert_views
 from .layers import features, is_supported_layer, is_transposed
 
 #: Known MLP layouts: child names of the MLP module for the roles ``up``, ``gate`` (optional) and ``down``.
@@ -26,6 +34,7 @@ ARCHITECTURES: dict[str, dict[str, str]] = {
     "gpt-neox / falcon / bloom": {"up": "dense_h_to_4h", "down": "dense_4h_to_h"},
     "phi / opt": {"up": "fc1", "down": "fc2"},
     "gpt-j": {"up": "fc_in", "down": "fc_out"},
+    "mixtral experts (transformers 4.x)": {"up": "w3", "gate": "w1", "down": "w2"},
 }
 
 UNITS = ("vector", "mlp")
@@ -45,6 +54,12 @@ class Projection:
     role: str
     layer: int
     is_input: bool
+    expert: int | None = None  # the routed expert this projection belongs to (None: a dense or shared MLP)
+
+    @property
+    def mlp_name(self) -> str:
+        """The MLP (or expert) this projection belongs to: its parent module's name."""
+        return self.name.rsplit(".", 1)[0]
 
     @property
     def num_neurons(self) -> int:
@@ -77,6 +92,7 @@ class NeuronGroup:
     key: str
     layer: int
     projections: tuple[Projection, ...]
+    expert: int | None = None
 
     @property
     def size(self) -> int:
@@ -98,18 +114,26 @@ class NeuronMap:
         self.model_type = model_type
         self.by_name = {p.name: p for p in projections}
         if unit == "vector":
-            self.groups = [NeuronGroup(p.name, p.layer, (p,)) for p in projections]
+            self.groups = [NeuronGroup(p.name, p.layer, (p,), p.expert) for p in projections]
         else:
-            layers: dict[int, list[Projection]] = {}
+            mlps: dict[str, list[Projection]] = {}
             for p in projections:
-                layers.setdefault(p.layer, []).append(p)
-            self.groups = [
-                NeuronGroup(projs[0].name.rsplit(".", 1)[0], layer, tuple(projs)) for layer, projs in layers.items()
-            ]
+                mlps.setdefault(p.mlp_name, []).append(p)
+            self.groups = [NeuronGroup(key, projs[0].layer, tuple(projs), projs[0].expert)
+                           for key, projs in mlps.items()]
 
     @property
     def num_layers(self) -> int:
         return len({p.layer for p in self.projections})
+
+    @property
+    def num_experts(self) -> int:
+        """Routed experts per MoE layer (the most of any layer); 0 for a dense model."""
+        per_layer: dict[int, set[int]] = {}
+        for p in self.projections:
+            if p.expert is not None:
+                per_layer.setdefault(p.layer, set()).add(p.expert)
+        return max((len(e) for e in per_layer.values()), default=0)
 
     @property
     def intermediate_size(self) -> int:
@@ -136,25 +160,37 @@ def build_neuron_map(
     include_gate: bool = False,
     neuron_modules: Mapping[str, str] | None = None,
 ) -> NeuronMap:
-    """Find every decoder layer's MLP projections.
+    """Find every decoder layer's MLP projections, including every routed expert of MoE layers.
 
     An MLP is a module with children named as one of ``ARCHITECTURES`` (or as ``neuron_modules``, e.g.
-    ``{"up": "w1", "gate": "w3", "down": "w2"}``). ``lm_head`` and embeddings are never part of the map.
+    ``{"up": "w1", "gate": "w3", "down": "w2"}``). Fused 3-D experts get expert views installed (see
+    ``experts.py``; the model computes through them from then on). ``lm_head`` and embeddings are never part
+    of the map; 3-D expert weights the map cannot cover are an error, never silently left out.
     """
     layouts = [dict(neuron_modules)] if neuron_modules else list(ARCHITECTURES.values())
     for layout in layouts:
         if not {"up", "down"} <= layout.keys() or not layout.keys() <= {"up", "gate", "down"}:
             raise ValueError(f"neuron_modules={layout!r} must map 'up', 'down' and optionally 'gate' to child names.")
+    fused = dict(install_expert_views(model))
+    check_experts_quantized(model, fused)
+    layers: dict[str, int] = {}
     projections: list[Projection] = []
     for mlp_name, mlp in model.named_modules():
+        if mlp_name in fused:
+            layer = layers.setdefault(_layer_key(mlp_name), len(layers))
+            projections.extend(Projection(name, view, view.role, layer, view.role != "down", view.expert)
+                               for name, view in expert_views(mlp_name, mlp, include_gate))
+            continue
         layout = next((lay for lay in layouts if _matches(mlp, lay)), None)
         if layout is None:
             continue
-        layer = len({p.layer for p in projections})
+        layer = layers.setdefault(_layer_key(mlp_name), len(layers))
+        expert = re.search(r"(?:^|\.)experts\.(\d+)$", mlp_name)
+        expert = int(expert.group(1)) if expert else None
         has_gate = "gate" in layout and is_supported_layer(getattr(mlp, layout["gate"], None))
         roles = ["up", "gate", "down"] if include_gate and has_gate else ["up", "down"]
         found = [
-            Projection(f"{mlp_name}.{layout[role]}", getattr(mlp, layout[role]), role, layer, role != "down")
+            Projection(f"{mlp_name}.{layout[role]}", getattr(mlp, layout[role]), role, layer, role != "down", expert)
             for role in roles
         ]
         sizes = {p.num_neurons for p in found}
@@ -162,6 +198,7 @@ def build_neuron_map(
             shapes = {p.name: tuple(p.module.weight.shape) for p in found}
             raise ValueError(f"MLP {mlp_name!r} has projections of inconsistent intermediate sizes: {shapes}.")
         projections.extend(found)
+    _check_experts_covered(model, fused)
     if not projections:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         known = "; ".join(f"{arch}: {lay}" for arch, lay in ARCHITECTURES.items())
@@ -172,6 +209,27 @@ def build_neuron_map(
         )
     model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
     return NeuronMap(projections, unit=unit, model_type=model_type)
+
+
+def _layer_key(name: str) -> str:
+    """The decoder layer a module sits in: its name up to the first numeric component (``model.layers.3``)."""
+    parts = name.split(".")
+    index = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts) - 1)
+    return ".".join(parts[: index + 1])
+
+
+def _check_experts_covered(model: nn.Module, fused: Mapping[str, nn.Module]) -> None:
+    """3-D expert weights outside the fused experts the map covers would be left out silently: an error instead."""
+    covered = {id(p) for experts in fused.values() for p in experts.parameters()}
+    left_out = [name for name, p in model.named_parameters()
+                if p.ndim == 3 and "expert" in name.lower() and id(p) not in covered]
+    if left_out:
+        raise ValueError(
+            f"{len(left_out)} expert weights are stored in a layout the neuron map does not know "
+            f"({', '.join(left_out[:3])}{' ...' if len(left_out) > 3 else ''}): their neurons would be left out. NeFT "
+            "finds fused experts named gate_up_proj [E, 2I, H] and down_proj [E, H, I] (transformers 5) and "
+            "per-expert MLPs (neuron_modules for their child names); convert the experts to one of these layouts."
+        )
 
 
 def _matches(module: nn.Module, layout: Mapping[str, str]) -> bool:

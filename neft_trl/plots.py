@@ -36,11 +36,12 @@ def selection_matrix(mask: NeuronMask, role: str, max_columns: int = MAX_COLUMNS
     """``[layers, columns]`` float array: 1/0 per neuron, or the selected share of each bin of neurons.
 
     Layers whose projection of this role is narrower than the widest one are padded with NaN (drawn blank).
+    In a mixture-of-experts mask a row is one MLP of a layer: its shared or dense MLP first, then each expert.
     """
-    rows: dict[int, np.ndarray] = {}
+    rows: dict[tuple[int, int], np.ndarray] = {}
     for module, selected in mask.selected.items():
         if mask.info[module]["role"] == role:
-            rows[int(mask.info[module]["layer"])] = selected.numpy().astype(np.float64)
+            rows[_row_key(mask.info[module])] = selected.numpy().astype(np.float64)
     if not rows:
         raise ValueError(f"The mask has no {role!r} projections (roles: {sorted(_roles(mask))}).")
     width = max(r.size for r in rows.values())
@@ -58,10 +59,11 @@ def selection_matrix(mask: NeuronMask, role: str, max_columns: int = MAX_COLUMNS
 
 
 def draw_heatmap(ax: Axes, mask: NeuronMask, role: str, max_columns: int = MAX_COLUMNS) -> None:
-    """One role's selection on ``ax`` with its own colour bar: rows are layers, columns neuron indices."""
+    """One role's selection on ``ax`` with its own colour bar: rows are layers (or layer/expert), columns neurons."""
     matrix = selection_matrix(mask, role, max_columns)
     of_role = {m: t for m, t in mask.selected.items() if mask.info[m]["role"] == role}
-    layers = sorted({int(mask.info[m]["layer"]) for m in of_role})
+    keys = sorted({_row_key(mask.info[m]) for m in of_role})
+    layers = [str(layer) if expert < 0 else f"{layer}/e{expert}" for layer, expert in keys]
     width = max(t.numel() for t in of_role.values())
     # Binned shares of a small budget sit near 0: scale the colours to the densest bin so patterns show.
     vmax = 1.0 if width <= max_columns else max(float(np.nanmax(matrix)), 1e-9)
@@ -69,7 +71,7 @@ def draw_heatmap(ax: Axes, mask: NeuronMask, role: str, max_columns: int = MAX_C
                       vmin=0.0, vmax=vmax, extent=(0, width, len(layers) - 0.5, -0.5))
     ax.yaxis.set_major_locator(MaxNLocator(nbins=12, integer=True))  # readable with 80 layers too
     ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: str(layers[int(y)]) if 0 <= y < len(layers) else ""))
-    ax.set_ylabel("layer")
+    ax.set_ylabel("layer" if all(expert < 0 for _, expert in keys) else "layer / expert")
     ax.set_xlabel("neuron index")
     chosen, total = sum(int(t.sum()) for t in of_role.values()), sum(t.numel() for t in of_role.values())
     ax.set_title(f"{role}: {chosen:,} of {total:,} neurons selected")
@@ -92,6 +94,23 @@ def draw_layer_counts(ax: Axes, mask: NeuronMask) -> None:
     ax.legend()
 
 
+def draw_expert_counts(ax: Axes, mask: NeuronMask) -> None:
+    """Selected neurons per routed expert (rows: layers, columns: experts) of a mixture-of-experts mask."""
+    counts = mask.per_expert_counts()
+    if not counts:
+        raise ValueError("The mask has no routed experts: use draw_layer_counts for a dense model's mask.")
+    layers = list(counts)
+    experts = max(max(c) for c in counts.values()) + 1
+    matrix = np.array([[counts[layer].get(e, 0) for e in range(experts)] for layer in layers], dtype=float)
+    image = ax.imshow(matrix, aspect="auto", interpolation="nearest", cmap="viridis")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_title(f"selected neurons per expert ({int(matrix.sum()):,} in routed experts)")
+    ax.figure.colorbar(image, ax=ax, label="selected neurons")
+
+
 def plot_heatmap(mask: NeuronMask, path: str | os.PathLike, size: tuple[float, float] = DEFAULT_SIZE,
                  dpi: int = DEFAULT_DPI) -> Path:
     """PNG heatmap of the selected neurons per layer, one panel per role. Returns the written path."""
@@ -112,12 +131,16 @@ def plot_layer_counts(mask: NeuronMask, path: str | os.PathLike, size: tuple[flo
 
 def plot_mask(mask: NeuronMask, path: str | os.PathLike, size: tuple[float, float] = (10.0, 8.0),
               dpi: int = DEFAULT_DPI) -> Path:
-    """One PNG with both views: a heatmap panel per role, then the per-layer bar chart. Returns the path."""
+    """One PNG with both views: a heatmap panel per role, then the per-layer bar chart (and, for a
+    mixture-of-experts mask, the counts per expert). Returns the path."""
     roles = summarize(mask).roles
-    fig, axes = plt.subplots(len(roles) + 1, 1, figsize=size, dpi=dpi, squeeze=False, layout="constrained")
-    for ax, role in zip(axes[:-1, 0], roles, strict=True):
+    extra = 2 if mask.per_expert_counts() else 1
+    fig, axes = plt.subplots(len(roles) + extra, 1, figsize=size, dpi=dpi, squeeze=False, layout="constrained")
+    for ax, role in zip(axes[:len(roles), 0], roles, strict=True):
         draw_heatmap(ax, mask, role)
-    draw_layer_counts(axes[-1, 0], mask)
+    draw_layer_counts(axes[len(roles), 0], mask)
+    if extra == 2:
+        draw_expert_counts(axes[-1, 0], mask)
     return _save(fig, path, _title(mask))
 
 
@@ -138,6 +161,12 @@ def _save(fig: Figure, path: str | os.PathLike, title: str) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _row_key(info) -> tuple[int, int]:
+    """(layer, expert) of a projection; -1 for a dense or shared-expert MLP, so it sorts before the experts."""
+    expert = info.get("expert")
+    return int(info["layer"]), -1 if expert is None else int(expert)
 
 
 def _roles(mask: NeuronMask) -> set[str]:

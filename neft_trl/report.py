@@ -9,7 +9,7 @@ show the same numbers. Every count comes from ``NeuronMask``; nothing here re-de
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from .mask import NeuronMask
 
@@ -23,6 +23,7 @@ class MaskSummary:
 
     ``per_layer[layer][role]`` is the number of selected neuron vectors of that role in that layer and
     ``candidates[layer][role]`` the number it could have chosen from. Layers are ints; ``to_dict`` keeps them.
+    ``per_expert[layer][expert]``: selected neuron vectors per routed expert (empty for a dense model).
     """
 
     name: str
@@ -35,6 +36,7 @@ class MaskSummary:
     roles: list[str]
     per_layer: dict[int, dict[str, int]]
     candidates: dict[int, dict[str, int]]
+    per_expert: dict[int, dict[int, int]] = field(default_factory=dict)
 
     @property
     def selected_share(self) -> float:
@@ -84,6 +86,9 @@ class NeuronReport:
             stats[f"{prefix}layer_{layer}_neurons"] = total
             for role, count in s.per_layer[layer].items():
                 stats[f"{prefix}layer_{layer}_{role}_neurons"] = count
+        for layer, experts in s.per_expert.items():
+            for expert, count in experts.items():
+                stats[f"{prefix}layer_{layer}_expert_{expert}_neurons"] = count
         return stats
 
     def to_markdown(self) -> str:
@@ -114,6 +119,7 @@ def summarize(mask: NeuronMask, name: str = "mask", total_parameters: int | None
         roles=roles,
         per_layer={k: _ordered(v) for k, v in sorted(per_layer.items())},
         candidates={k: _ordered(v) for k, v in sorted(candidates.items())},
+        per_expert=mask.per_expert_counts(),
     )
 
 
@@ -159,6 +165,12 @@ def render_markdown(report: NeuronReport) -> str:
             cells = [f"{counts.get(role, 0):,}" for role in s.roles]
             total, possible = sum(counts.values()), sum(s.candidates[layer].values())
             lines.append(f"| {layer} | " + " | ".join(cells) + f" | {total:,} | {total / max(possible, 1):.2%} |")
+        if s.per_expert:
+            experts = max(max(c) for c in s.per_expert.values()) + 1
+            lines += ["", f"Neurons per routed expert: {s.name}", "",
+                      "| layer | " + " | ".join(f"e{e}" for e in range(experts)) + " |", "|---:|" + "---:|" * experts]
+            for layer, counts in s.per_expert.items():
+                lines.append(f"| {layer} | " + " | ".join(f"{counts.get(e, 0):,}" for e in range(experts)) + " |")
     if len(report.masks) > 1:
         for title, matrix in (("Overlap (share of the row mask's neurons also in the column mask)", report.overlap),
                               ("Jaccard |A & B| / |A | B|", report.jaccard)):

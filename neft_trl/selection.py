@@ -93,7 +93,8 @@ def _restored_mode(model: torch.nn.Module) -> Iterator[None]:
 
 def _model_state(model: torch.nn.Module) -> dict[str, Any]:
     """What a selector must not change: hooks on any module, and each parameter's requires_grad and grad."""
-    hooks = sum(len(getattr(m, attr, {})) for m in model.modules() for attr in _HOOK_DICTS)
+    hooks = sum(getattr(hook, "__module__", None) != _TRANSFORMERS_CAPTURE
+                for m in model.modules() for attr in _HOOK_DICTS for hook in getattr(m, attr, {}).values())
     params = {n: (p.requires_grad, p.grad is None) for n, p in model.named_parameters()}
     return {"hooks": hooks, "params": params}
 
@@ -109,6 +110,9 @@ def _check_untouched(model: torch.nn.Module, before: dict[str, Any], label: str)
                            f"parameters (e.g. {changed[0]!r}): a selector must restore them.")
 
 
+#: transformers 5 installs its output-capturing hooks (router logits, hidden states) once, on the first forward
+#: that asks for them, and keeps them: MoE models ask during selection's first loss. They are not a selector's.
+_TRANSFORMERS_CAPTURE = "transformers.utils.output_capturing"
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
                "_state_dict_hooks", "_load_state_dict_pre_hooks")
 

@@ -4,6 +4,10 @@ An in-neuron (row ``n`` of up/gate) is scored by its own projection's output fea
 (column ``n`` of down) by down's input feature ``n``, i.e. the intermediate activation after the MLP
 nonlinearity (and gating) that the column multiplies. For ``neuron_unit="mlp"`` the unit is scored by
 that post-nonlinearity activation too. Padding tokens (``attention_mask == 0``) are not counted.
+
+A routed expert (mixture-of-experts models) is observed through its expert views (``neft_trl.experts``), so
+its neurons are averaged over the tokens routed to that expert only. An expert that received no token
+during calibration scores 0 (it never fired on this data), never an error.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..experts import is_expert_view
 from ..neurons import Projection
 from ..plugins import hookimpl
 from .base import Batch, NeuronSelector, SelectionContext
@@ -57,7 +62,8 @@ class ActivationSelector(NeuronSelector):
         current: dict[str, torch.Tensor | None] = {"attention_mask": None}
 
         def accumulate(proj: Projection, activation: torch.Tensor) -> None:
-            flat = flat_tokens(activation.detach(), current["attention_mask"])
+            routed = getattr(proj.module, "token_index", None)  # an expert view: its routed tokens' positions
+            flat = flat_tokens(activation.detach(), current["attention_mask"], routed)
             sums[proj.name] += flat.abs().sum(0, dtype=torch.float64).to(sums[proj.name].device)
             tokens[proj.name] += flat.shape[0]
 
@@ -72,11 +78,12 @@ class ActivationSelector(NeuronSelector):
             for batch in context.iter_batches(self.calibration_batches, self.name, "NeFT activation calibration"):
                 current["attention_mask"] = batch.get("attention_mask")
                 model(**forward_inputs(model, batch))
-        if not all(tokens.values()):
-            missing = [name for name, n in tokens.items() if n == 0][:3]
+        unrouted = {p.name for p in measured if is_expert_view(p.module)}  # an expert may get no tokens: score 0
+        if not all(n for name, n in tokens.items() if name not in unrouted):
+            missing = [name for name, n in tokens.items() if n == 0 and name not in unrouted][:3]
             raise RuntimeError(f"No activations reached {missing}: the calibration batches hold no real tokens, "
                                "or the model's forward pass does not run these MLPs.")
-        means = {name: (s / tokens[name]).float().cpu() for name, s in sums.items()}
+        means = {name: (s / max(tokens[name], 1)).float().cpu() for name, s in sums.items()}
         self.metadata["calibration_batches"] = str(self.calibration_batches)
         return {g.key: means[self._measured(g.projections).name] for g in context.neuron_map.groups}
 

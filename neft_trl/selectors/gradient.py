@@ -11,12 +11,17 @@ Scores come from activation hooks, never from ``weight.grad``: the model's weigh
 The Taylor importance of a neuron (the loss change if its weights were zeroed) is ``|w . grad|`` summed
 over the whole neuron (for ``neuron_unit="mlp"``: over all projections of the unit); the norm importance is
 ``||grad||``. Per-batch values are averaged over ``calibration_batches`` batches.
+
+A routed expert (mixture-of-experts models) is observed through its expert views (``neft_trl.experts``):
+``x``, ``y`` and the gradients are those of the tokens routed to it. An expert that received no token in a
+batch adds 0 for that batch (it had no effect on the loss), never an error.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..experts import is_expert_view
 from ..neurons import Projection
 from ..plugins import hookimpl
 from .activation import check_batches
@@ -75,12 +80,13 @@ class GradientSelector(NeuronSelector):
                 if not loss.requires_grad:
                     raise RuntimeError("The loss does not depend on the MLP activations (no gradient flows).")
                 loss.backward()
-                missing = [p.name for p in neuron_map if p.name not in batch_values]
+                missing = [p.name for p in neuron_map if p.name not in batch_values and not is_expert_view(p.module)]
                 if missing:
                     raise RuntimeError(f"No gradient reached {missing[:3]}: the loss does not flow through these "
                                        "MLP projections (are they used in the forward pass?).")
                 for group in neuron_map.groups:
-                    total = sum(batch_values[p.name] for p in group.projections)
+                    total = sum(batch_values[p.name].double().cpu() if p.name in batch_values
+                                else torch.zeros(p.num_neurons, dtype=torch.float64) for p in group.projections)
                     total = total.abs() if self.importance == "taylor" else total.sqrt()
                     totals[group.key] += total.double().cpu()
                 batch_values.clear()

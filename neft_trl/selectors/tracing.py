@@ -75,9 +75,19 @@ def _require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> tor
     return output.requires_grad_(True) if torch.is_grad_enabled() and not output.requires_grad else output
 
 
-def flat_tokens(tensor: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """``[tokens, features]`` fp32 view of an activation, keeping only real (non-padding) tokens."""
+def flat_tokens(
+    tensor: torch.Tensor, attention_mask: torch.Tensor | None, token_index: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[tokens, features]`` fp32 view of an activation, keeping only real (non-padding) tokens.
+
+    ``token_index``: for an expert view's activation (routed tokens only), the positions of its rows in the
+    flattened batch (``ExpertProjection.token_index``), so that padding routed to the expert is dropped too.
+    """
     flat = tensor.reshape(-1, tensor.shape[-1]).float()
-    if attention_mask is not None and attention_mask.shape == tensor.shape[:-1]:
+    if attention_mask is None:
+        return flat
+    if token_index is not None and token_index.numel() == flat.shape[0]:
+        return flat[attention_mask.reshape(-1).to(flat.device)[token_index.to(flat.device)].bool()]
+    if attention_mask.shape == tensor.shape[:-1]:
         flat = flat[attention_mask.reshape(-1).to(flat.device).bool()]
     return flat

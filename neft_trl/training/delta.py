@@ -57,7 +57,7 @@ class DeltaTraining(NeuronTraining):
             if index.numel() == 0:
                 continue
             in_features, out_features = features(proj.module)
-            device = next(proj.module.parameters()).device
+            device = proj.module.weight.device  # an expert view owns no parameter of its own
             delta = NeuronDelta(index, proj.is_input, in_features, out_features, with_bias=proj.trains_bias,
                                 dtype=self.dtype, device=device)
             attach_delta(proj.module, delta)

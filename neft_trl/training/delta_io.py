@@ -25,6 +25,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..compat import dequantize
+from ..experts import install_expert_views
 from ..layers import features, is_quantized
 from .delta_layer import NeuronDelta, attach_delta, has_delta
 
@@ -93,6 +94,7 @@ def _delta_from_file(f: Any, name: str, spec: Mapping[str, Any]) -> NeuronDelta:
 
 def check_delta_fits(model: nn.Module, deltas: Mapping[str, NeuronDelta]) -> dict[str, nn.Module]:
     """The model's module for every delta; one ValueError naming every shape that differs otherwise."""
+    install_expert_views(model)  # deltas of routed experts live on the experts' views
     modules = dict(model.named_modules())
     found, problems = {}, []
     for name, delta in deltas.items():

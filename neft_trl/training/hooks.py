@@ -8,12 +8,16 @@ never move a neuron whose gradient was always zero.
 Weight decay is the one thing an optimizer applies without a gradient: AdamW's ``p *= 1 - lr * wd`` would
 shrink frozen rows. So these weights are kept out of the optimizer's decay group, and an optimizer step
 pre-hook applies the same decoupled decay to the selected neurons only. Frozen neurons stay bit-identical.
+
+Fused MoE experts (3-D ``gate_up_proj``/``down_proj``) train the same way: their selected rows/columns of
+every expert are OR-ed into one mask per parameter, so one hook and one decay mask cover all experts.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..experts import fused_gradient_targets, is_expert_view
 from .base import NeuronTraining
 
 
@@ -27,21 +31,23 @@ class GradientMaskTraining(NeuronTraining):
         names = {id(p): n for n, p in self.model.named_parameters()}
         self._handles = []
         self._masked: list[tuple[str, torch.nn.Parameter, torch.Tensor]] = []  # (name, param, broadcast mask)
+        # fused MoE experts: one combined mask per 3-D parameter (see experts.py)
+        targets = fused_gradient_targets(self.neuron_map, self.mask.selected)
         for proj in self.neuron_map:
             selected = self.mask.selected[proj.name]
-            if not selected.any():
+            if not selected.any() or is_expert_view(proj.module):
                 continue
             weight = proj.module.weight
             shape = [1, 1]
             shape[proj.neuron_dim] = -1
-            targets = [(weight, selected.view(shape))]
+            targets.append((weight, selected.view(shape)))
             if proj.trains_bias:
                 targets.append((proj.module.bias, selected))
-            for param, keep in targets:
-                keep = keep.to(device=param.device, dtype=param.dtype)
-                param.requires_grad_(True)
-                self._handles.append(param.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
-                self._masked.append((names[id(param)], param, keep))
+        for param, keep in targets:
+            keep = keep.to(device=param.device, dtype=param.dtype)
+            param.requires_grad_(True)
+            self._handles.append(param.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
+            self._masked.append((names[id(param)], param, keep))
 
     def detach(self) -> None:
         for handle in getattr(self, "_handles", []):
