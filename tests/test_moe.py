@@ -18,7 +18,7 @@ from neft_trl.experts import is_expert_view, is_fused_experts
 from neft_trl.layers import parameter_count
 from neft_trl.mask import NeuronMask
 from neft_trl.neurons import build_neuron_map
-from neft_trl.selection import select_neurons
+from neft_trl.selection import run_selector
 from neft_trl.selectors.base import SelectionContext
 from neft_trl.training import GradientMaskTraining
 from neft_trl.training.delta import DeltaTraining
@@ -234,7 +234,7 @@ def test_selectors_score_every_expert_and_unrouted_experts_score_zero(arch, sele
     context = SelectionContext(model=model, neuron_map=neuron_map, budget=Budget.resolve(neuron_ratio=0.2),
                                batches=batches(), show_progress=False)
     kwargs = {"calibration_batches": 2} if selector != "random" else {}
-    mask = select_neurons(context, selector, kwargs)
+    mask = run_selector(context, selector, kwargs)
     for h in handles:
         h.remove()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -269,7 +269,7 @@ def test_cosine_probe_scores_routed_experts_without_touching_the_model():
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     context = SelectionContext(model=model, neuron_map=neuron_map, budget=Budget.resolve(neuron_ratio=0.2),
                                batches=batches(), show_progress=False)
-    mask = select_neurons(context, "cosine", {"probe_steps": 2, "probe_learning_rate": 1e-2})
+    mask = run_selector(context, "cosine", {"probe_steps": 2, "probe_learning_rate": 1e-2})
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     assert sum(sum(c.values()) for c in mask.per_expert_counts().values()) == mask.num_selected > 0
 
