@@ -179,3 +179,28 @@ def test_selector_argument_leaves_the_callers_config_alone(tmp_path):
     trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), selector="random", args=args,
                              processing_class=make_tokenizer())
     assert trainer.args.selector == "random" and args.selector == "cosine"
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0], ids=["no-clipping", "clipping"])
+def test_an_inf_in_a_frozen_rows_gradient_never_reaches_the_weights(tmp_path, max_grad_norm):
+    """The mask zeroes frozen gradients exactly: ``inf * 0`` would be NaN, and clipping would spread it."""
+    model = make_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    up = model.model.layers[0].mlp.up_proj.weight
+    args = tiny_args(tmp_path, max_steps=2, neuron_ratio=0.3, weight_decay=0.1, max_grad_norm=max_grad_norm)
+    trainer = NeFTSFTTrainer(model, make_dataset(), selector="random", args=args, processing_class=make_tokenizer())
+    injected = []
+
+    def inject_inf(grad):  # registered before NeFT's own hook, so it runs first: the raw gradient holds inf
+        frozen = ~trainer.neuron_mask.selected["model.layers.0.mlp.up_proj"]
+        grad = grad.clone()
+        grad[frozen] = float("inf")
+        injected.append(int(frozen.sum()))
+        return grad
+
+    up.register_hook(inject_inf)
+    trainer.train()
+    assert injected and injected[0] > 0
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), f"non-finite values in {name}"
+    assert_only_selected_changed(trainer, before)
