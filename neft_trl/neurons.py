@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .layers import features, is_supported_layer, is_transposed
 
 #: Known MLP layouts: child names of the MLP module for the roles ``up``, ``gate`` (optional) and ``down``.
@@ -144,7 +145,7 @@ def build_neuron_map(
     layouts = [dict(neuron_modules)] if neuron_modules else list(ARCHITECTURES.values())
     for layout in layouts:
         if not {"up", "down"} <= layout.keys() or not layout.keys() <= {"up", "gate", "down"}:
-            raise ValueError(f"neuron_modules={layout!r} must map 'up', 'down' and optionally 'gate' to child names.")
+            raise UsageError(f"neuron_modules={layout!r} must map 'up', 'down' and optionally 'gate' to child names.")
     projections: list[Projection] = []
     for mlp_name, mlp in model.named_modules():
         layout = next((lay for lay in layouts if _matches(mlp, lay)), None)
@@ -165,7 +166,7 @@ def build_neuron_map(
     if not projections:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         known = "; ".join(f"{arch}: {lay}" for arch, lay in ARCHITECTURES.items())
-        raise ValueError(
+        raise UsageError(
             f"Could not find MLP projections in model type {model_type!r}. Known layouts: {known}. "
             "Set `neuron_modules` (NeFTConfig / build_neuron_map) to the child names of your MLP, "
             'e.g. neuron_modules={"up": "w1", "gate": "w3", "down": "w2"}.'

@@ -28,6 +28,7 @@ from .compat import (
 )
 from .config import NeFTConfig
 from .distributed import broadcast_mask, check_launch, check_sharded_setup
+from .errors import MissingFileError
 from .layers import parameter_count
 from .mask import MASK_FILENAME, NeuronMask
 from .neurons import NeuronMap, build_neuron_map
@@ -154,7 +155,11 @@ class NeFTSFTTrainer(SFTTrainer):
             getattr(dataloader, "end", lambda: None)()
 
     def _resolve_mask(self) -> NeuronMask:
-        """The mask to train: one already set, the resumed checkpoint's, ``neuron_mask_path``, or a new selection."""
+        """The mask to train: one already set, the resumed checkpoint's, ``neuron_mask_path``, or a new selection.
+
+        Resuming never selects anew: the checkpoint's weights were trained with some mask, and a selection on
+        trained weights picks other neurons (and an optimizer state of another size fails to load).
+        """
         if self.neuron_mask is not None:
             return self.neuron_mask
         for source in (self._resume_checkpoint, self.args.neuron_mask_path):
@@ -163,7 +168,16 @@ class NeFTSFTTrainer(SFTTrainer):
                 log_mask(mask)
                 return mask
             if source and source == self.args.neuron_mask_path:
-                raise FileNotFoundError(f"neuron_mask_path={source!r} holds no {MASK_FILENAME}.")
+                raise MissingFileError(f"neuron_mask_path={source!r} holds no {MASK_FILENAME}.")
+        if self._resume_checkpoint:
+            raise MissingFileError(
+                f"Cannot resume from {self._resume_checkpoint!r}: it holds no {MASK_FILENAME}, so the neurons its "
+                "weights and optimizer state belong to are unknown, and selecting anew on trained weights would "
+                "pick others. A NeFT checkpoint whose save was interrupted: pass the run's mask as "
+                "neuron_mask_path=... (from its output_dir or another checkpoint). A plain SFTTrainer checkpoint "
+                "(its optimizer state covers every weight) cannot be resumed as NeFT: start a new run from its "
+                "weights (the checkpoint folder as the model) without resume_from_checkpoint."
+            )
         return self.select_neurons()  # on every rank: see distributed.py for why
 
     def _prepare_neurons(self) -> None:
@@ -216,8 +230,13 @@ class NeFTSFTTrainer(SFTTrainer):
         self.neuron_training.load(self.state.best_model_checkpoint)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the model as ``SFTTrainer`` does, plus the neuron mask (and the mode's own files)."""
+        """Save the neuron mask, then the model as ``SFTTrainer`` does (or the mode's own files).
+
+        The mask goes first: a checkpoint with weights but no mask (a crash in between) could not be resumed.
+        """
         output_dir = output_dir or self.args.output_dir
+        if self.neuron_mask is not None and self.args.should_save:
+            self.neuron_mask.save(os.path.join(output_dir, MASK_FILENAME))
         if self.neuron_training is not None and self.neuron_training.saves_model_itself:
             if self.args.should_save:
                 self.neuron_training.save(output_dir)
@@ -225,8 +244,6 @@ class NeFTSFTTrainer(SFTTrainer):
                     self.processing_class.save_pretrained(output_dir)
         else:
             super().save_model(output_dir, _internal_call)
-        if self.neuron_mask is not None and self.args.should_save:
-            self.neuron_mask.save(os.path.join(output_dir, MASK_FILENAME))
 
 
 class _NeuronStatsCallback(TrainerCallback):

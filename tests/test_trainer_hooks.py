@@ -204,3 +204,38 @@ def test_an_inf_in_a_frozen_rows_gradient_never_reaches_the_weights(tmp_path, ma
     for name, param in model.named_parameters():
         assert torch.isfinite(param).all(), f"non-finite values in {name}"
     assert_only_selected_changed(trainer, before)
+
+
+def test_resuming_from_a_checkpoint_without_a_mask_is_an_error_naming_the_fix(tmp_path):
+    """A plain SFTTrainer checkpoint holds no mask: selecting anew on its trained weights would be silent and wrong."""
+    from trl import SFTTrainer
+
+    from neft_trl.errors import MissingFileError
+
+    sft_args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, save_strategy="steps", save_steps=1,
+                         report_to=[], use_cpu=True, max_length=32, per_device_train_batch_size=4, bf16=False,
+                         disable_tqdm=True)
+    SFTTrainer(make_model("llama"), args=sft_args, train_dataset=make_dataset(),
+               processing_class=make_tokenizer()).train()
+    checkpoint = tmp_path / "sft" / "checkpoint-1"
+    assert (checkpoint / "optimizer.pt").is_file() and not (checkpoint / "neuron_mask.safetensors").exists()
+    trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), selector="random",
+                             args=tiny_args(tmp_path, max_steps=2), processing_class=make_tokenizer())
+    with pytest.raises(MissingFileError, match=r"Cannot resume from .*checkpoint-1.* holds no "
+                                               r"neuron_mask.safetensors.*neuron_mask_path=") as err:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert "start a new run from its weights" in str(err.value)
+    assert trainer.neuron_mask is None  # nothing was selected
+
+
+def test_the_mask_is_written_before_the_weights(tmp_path, monkeypatch):
+    """A save that dies while writing the weights still leaves the mask, so the checkpoint stays resumable."""
+    trainer = _train(tmp_path, make_model("llama"), max_steps=1, neuron_ratio=0.2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(trainer.model, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_model(str(tmp_path / "saved"))
+    assert NeuronMask.load(tmp_path / "saved") == trainer.neuron_mask

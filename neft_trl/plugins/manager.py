@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 
 import pluggy
 
+from ..errors import UsageError
 from . import hookspecs
 
 ENTRY_POINT_GROUP = "neft_trl.selectors"
@@ -24,7 +25,7 @@ _sources: dict[str, str] = {}  # plugin name -> distribution that provides it
 _loaded_entry_points = False
 
 
-class PluginError(ValueError):
+class PluginError(UsageError):
     """A plugin that cannot be used as installed; the message names the plugin, its package and the fix."""
 
 
@@ -135,7 +136,7 @@ def get_selector(name: str) -> SelectorInfo:
     selectors = available_selectors()
     if name not in selectors:
         installed = ", ".join(f"{n} ({i.package})" for n, i in selectors.items()) or "none"
-        raise ValueError(
+        raise UsageError(
             f"Unknown neuron selector {name!r}. Installed selectors: {installed}. Install a package that provides "
             f"it (entry-point group {ENTRY_POINT_GROUP!r}) or pick one of these."
         )
