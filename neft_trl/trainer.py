@@ -37,6 +37,7 @@ from .report import NeuronReport, neuron_report
 from .selection import log_mask, select_neurons
 from .selectors.base import SelectionContext
 from .training import NeuronTraining, build_training, resolve_mode
+from .training.optimizers import check_hooks_optimizer
 
 logger = logging.getLogger("neft_trl")
 
@@ -97,6 +98,7 @@ class NeFTSFTTrainer(SFTTrainer):
             self.model, args.neuron_unit, args.include_gate, args.neuron_modules
         )
         self.neft_mode = resolve_mode(args.neft_mode, self.neuron_map)
+        check_hooks_optimizer(self.neft_mode, args.optim, self.optimizer_cls_and_kwargs)
         check_launch(self.accelerator)
         check_sharded_setup(self, self.neft_mode)
         self.model_parameter_count = parameter_count(self.model)  # before a training mode adds any deltas
