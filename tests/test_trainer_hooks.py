@@ -206,7 +206,8 @@ def test_an_inf_in_a_frozen_rows_gradient_never_reaches_the_weights(tmp_path, ma
     assert_only_selected_changed(trainer, before)
 
 
-def test_resuming_from_a_checkpoint_without_a_mask_is_an_error_naming_the_fix(tmp_path):
+@pytest.mark.parametrize("mode", ["hooks", "delta"])
+def test_resuming_from_a_checkpoint_without_a_mask_is_an_error_naming_the_fix(tmp_path, mode):
     """A plain SFTTrainer checkpoint holds no mask: selecting anew on its trained weights would be silent and wrong."""
     from trl import SFTTrainer
 
@@ -220,7 +221,7 @@ def test_resuming_from_a_checkpoint_without_a_mask_is_an_error_naming_the_fix(tm
     checkpoint = tmp_path / "sft" / "checkpoint-1"
     assert (checkpoint / "optimizer.pt").is_file() and not (checkpoint / "neuron_mask.safetensors").exists()
     trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), selector="random",
-                             args=tiny_args(tmp_path, max_steps=2), processing_class=make_tokenizer())
+                             args=tiny_args(tmp_path, max_steps=2, neft_mode=mode), processing_class=make_tokenizer())
     with pytest.raises(MissingFileError, match=r"Cannot resume from .*checkpoint-1.* holds no "
                                                r"neuron_mask.safetensors.*neuron_mask_path=") as err:
         trainer.train(resume_from_checkpoint=str(checkpoint))
