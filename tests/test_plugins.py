@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import shutil
@@ -338,29 +337,3 @@ def test_disabling_a_name_two_packages_declare_skips_both(monkeypatch):
     monkeypatch.setattr(manager, "_loaded_entry_points", False)
     monkeypatch.setenv(DISABLE_ENV, "twin")
     assert "random" in available_selectors()  # neither twin was imported, and no conflict was raised
-
-
-# -- the public plugin API ----------------------------------------------------------------------------------
-
-def test_the_plugin_api_exports_what_a_selector_needs():
-    from neft_trl import layers, neurons, plugin_api
-    from neft_trl.selectors import base, tracing
-
-    needed = {"NeuronSelector", "SelectionContext", "hookimpl", "dense_weight", "neuron_vectors", "Projection",
-              "NeuronGroup", "NeuronMap", "frozen", "removing", "model_mode"}
-    assert needed <= set(plugin_api.__all__)
-    assert all(hasattr(plugin_api, name) for name in plugin_api.__all__)
-    assert plugin_api.dense_weight is layers.dense_weight and plugin_api.neuron_vectors is neurons.neuron_vectors
-    assert plugin_api.SelectionContext is base.SelectionContext and plugin_api.frozen is tracing.frozen
-    assert plugin_api.hookimpl is hookimpl
-
-
-def test_the_example_plugin_imports_only_the_plugin_api():
-    source = PLUGIN_SOURCE / "src" / "neft_selector_magnitude" / "__init__.py"
-    modules = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Import):
-            modules |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            modules.add(node.module)
-    assert {m for m in modules if m.split(".")[0] == "neft_trl"} == {"neft_trl.plugin_api"}
