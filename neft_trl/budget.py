@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UsageError
 from .mask import NeuronMask
 from .neurons import NeuronGroup, NeuronMap
 
@@ -36,15 +37,15 @@ class Budget:
         given = {k: v for k, v in [("param_ratio", param_ratio), ("neuron_ratio", neuron_ratio),
                                    ("num_neurons", num_neurons)] if v is not None}
         if len(given) > 1:
-            raise ValueError(f"Set exactly one neuron budget, got {given}: unset all but one of them.")
+            raise UsageError(f"Set exactly one neuron budget, got {given}: unset all but one of them.")
         if not given:
             return cls(param_ratio=DEFAULT_PARAM_RATIO)
         (name, value), = given.items()
         if name == "num_neurons":
             if int(value) != value or value < 1:
-                raise ValueError(f"num_neurons must be a positive integer, got {value!r}.")
+                raise UsageError(f"num_neurons must be a positive integer, got {value!r}.")
         elif not 0 < value <= 1:
-            raise ValueError(f"{name} must be in (0, 1] (a share, e.g. 0.06 for 6%), got {value!r}.")
+            raise UsageError(f"{name} must be in (0, 1] (a share, e.g. 0.06 for 6%), got {value!r}.")
         return cls(**given)
 
     def __str__(self) -> str:
@@ -55,7 +56,7 @@ class Budget:
         """``("neurons", k)`` or ``("params", p)``, checked against what the candidates can hold."""
         if self.num_neurons is not None:
             if self.num_neurons > neuron_map.num_candidates:
-                raise ValueError(
+                raise UsageError(
                     f"num_neurons={self.num_neurons} exceeds the {neuron_map.num_candidates} candidate neurons of "
                     "this model; lower it or use neuron_ratio."
                 )
@@ -65,7 +66,7 @@ class Budget:
         wanted = self.param_ratio * total_parameters
         available = neuron_map.candidate_parameters
         if wanted > available:
-            raise ValueError(
+            raise UsageError(
                 f"param_ratio={self.param_ratio} asks for {wanted:,.0f} parameters, but the candidate neurons hold "
                 f"only {available:,} ({available / total_parameters:.1%} of the model). Use param_ratio <= "
                 f"{available / total_parameters:.4f}, or add gate_proj neurons (include_gate=True)."

@@ -3,8 +3,9 @@
 ``select`` and ``train`` parse ``HfArgumentParser(RunArguments, NeFTConfig)``, so every ``NeFTConfig`` (and
 ``SFTConfig``/``TrainingArguments``) field is a flag with its own help text; nothing is re-declared here.
 ``report`` and ``plots`` only read mask files: they need no model. A user mistake (bad flag value, missing
-or unreadable file, masks of different models) ends with exit code 2 and one line naming the fix, the
-argparse convention; a failure during training itself keeps its traceback.
+or unreadable file, masks of different models: a ``neft_trl.errors.UsageError``) ends with exit code 2 and one
+line naming the fix, the argparse convention. Any other exception is a bug or an unforeseen failure: it keeps
+its traceback and exits 1, so it is never disguised as a user mistake.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from transformers import HfArgumentParser
 
 from .config import NeFTConfig
 from .data_sources import load_split
+from .errors import UsageError
 from .mask import MASK_FILENAME, NeuronMask
 from .report import neuron_report
 
-#: Errors that mean "the user gave something unusable" while setting up a run or reading masks.
-USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+#: What loading a model, tokenizer or data raises for a user's mistake besides neft_trl's own ``UsageError``:
+#: a path or hub id that does not exist or cannot be read (``OSError``), an optional package the flags need
+#: but that is not installed, e.g. bitsandbytes for --load_in_4bit (``ImportError``).
+LOADING_ERRORS = (UsageError, OSError, ImportError)
 
 
-class CLIError(Exception):
-    """A user mistake: printed as one line, exit code 2."""
+class CLIError(UsageError):
+    """A user mistake found by the command line itself: printed as one line, exit code 2."""
 
 
 @dataclass
@@ -43,7 +47,8 @@ class RunArguments:
         default=None,
         metadata={"help": "Training data: a .json/.jsonl/.csv/.parquet/.txt file, a folder saved with "
                           "Dataset.save_to_disk, or a `datasets` name. Columns as SFTTrainer expects (text, "
-                          "messages, or prompt/completion). Optional for select with a data-free selector."},
+                          "messages, or prompt/completion). Required by select too: the trainer (as TRL's "
+                          "SFTTrainer) needs training data even for a data-free selector."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of a `datasets` name."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on / select from."})
@@ -68,24 +73,21 @@ class SelectArguments:
     )
 
 
-def build_trainer(run: RunArguments, config: NeFTConfig, need_data: bool) -> Any:
-    """``NeFTSFTTrainer`` for the parsed flags; every setup problem becomes a ``CLIError``."""
+def build_trainer(run: RunArguments, config: NeFTConfig) -> Any:
+    """``NeFTSFTTrainer`` for the parsed flags; a model, tokenizer or data that cannot be loaded is a ``CLIError``."""
     from transformers import AutoTokenizer, BitsAndBytesConfig
 
     from .trainer import NeFTSFTTrainer
 
-    if need_data and run.dataset_name is None:
+    if run.dataset_name is None:  # found here, not as TRL's bare "`train_dataset` is required"
         raise CLIError("--dataset_name is required: a data file, a saved dataset folder or a `datasets` name.")
     if run.load_in_4bit and run.load_in_8bit:
         raise CLIError("Set only one of --load_in_4bit and --load_in_8bit.")
     kwargs: dict[str, Any] = {}
     try:
-        if run.dataset_name is not None:
-            kwargs["train_dataset"] = load_split(run.dataset_name, run.dataset_config, run.dataset_train_split)
+        kwargs["train_dataset"] = load_split(run.dataset_name, run.dataset_config, run.dataset_train_split)
         if run.eval_dataset_name or run.dataset_test_split:
             source = run.eval_dataset_name or run.dataset_name
-            if source is None:
-                raise CLIError("--dataset_test_split needs --dataset_name or --eval_dataset_name.")
             kwargs["eval_dataset"] = load_split(source, run.dataset_config, run.dataset_test_split)
         if run.tokenizer_name_or_path:
             kwargs["processing_class"] = AutoTokenizer.from_pretrained(run.tokenizer_name_or_path)
@@ -97,21 +99,21 @@ def build_trainer(run: RunArguments, config: NeFTConfig, need_data: bool) -> Any
             NeuronMask.load(config.neuron_mask_path).check_fits(trainer.neuron_map)
     except CLIError:
         raise
-    except USER_ERRORS as err:
+    except LOADING_ERRORS as err:
         raise CLIError(_one_line(err)) from err
     return trainer
 
 
 # -- commands -------------------------------------------------------------------------------------------
 def _select(run: RunArguments, selection: SelectArguments, config: NeFTConfig) -> None:
-    trainer = build_trainer(run, config, need_data=False)
+    trainer = build_trainer(run, config)
     trainer.neuron_mask = trainer.select_neurons()
     path = trainer.neuron_mask.save(selection.mask_out or Path(config.output_dir) / MASK_FILENAME)
     _finish(trainer, path, run.plot)
 
 
 def _train(run: RunArguments, config: NeFTConfig) -> None:
-    trainer = build_trainer(run, config, need_data=True)
+    trainer = build_trainer(run, config)
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     trainer.save_model()
     _finish(trainer, Path(config.output_dir) / MASK_FILENAME, run.plot)
@@ -129,7 +131,7 @@ def _report(args: argparse.Namespace) -> None:
     masks = [_load_mask(p) for p in args.masks]
     try:
         report = neuron_report(masks[0], masks[1:], names=args.masks)
-    except ValueError as err:
+    except UsageError as err:
         raise CLIError(f"{args.masks[0]!r} and the other masks do not match: {_one_line(err)}") from err
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.to_markdown())
     for out, op, word in ((args.union, NeuronMask.__or__, "union"), (args.intersection, NeuronMask.__and__,
@@ -156,7 +158,7 @@ def _export(args: argparse.Namespace) -> None:
 
     try:
         out = export_peft_adapter(args.run_dir, args.out, args.base_model, uniform_rank=args.uniform_rank)
-    except USER_ERRORS as err:
+    except (*LOADING_ERRORS, ValueError) as err:  # a bad folder or model: the files are the input here
         raise CLIError(_one_line(err)) from err
     line = f"PEFT LoRA adapter: {out} ({(out / ADAPTER_FILENAME).stat().st_size:,} bytes"
     delta = Path(args.run_dir) / DELTA_FILENAME
@@ -179,7 +181,7 @@ def _estimate(args: argparse.Namespace) -> None:
         neuron_map = build_neuron_map(model, include_gate=args.include_gate)
         mode = "delta" if args.neft_mode == "auto" else args.neft_mode
         neft = estimate_neft(model, neuron_map, budget, args.selector, mode, args.probe)
-    except USER_ERRORS as err:
+    except (*LOADING_ERRORS, ValueError) as err:  # a bad folder or model: the files are the input here
         raise CLIError(_one_line(err)) from err
     lora = estimate_lora(model, neft.trainable_parameters)
     print(f"{args.model}: {args.selector} selector ({args.probe} probe), neft_mode={mode}, {args.dtype}, {budget}")
@@ -207,7 +209,7 @@ def _label(source: str) -> str:
 def _load_mask(source: str) -> NeuronMask:
     try:
         return NeuronMask.load(source)
-    except USER_ERRORS as err:
+    except (UsageError, OSError) as err:
         raise CLIError(f"Cannot read neuron mask {source!r}: {_one_line(err)}") from err
 
 
@@ -228,9 +230,9 @@ def _dataclasses(ns: argparse.Namespace, types: Sequence[type]) -> list[Any]:
     objects = []
     for dtype in types:
         names = {f.name for f in dataclasses.fields(dtype) if f.init}
-        try:
+        try:  # validation of the flags' values only: NeFTConfig's and TrainingArguments' checks raise ValueError
             objects.append(dtype(**{k: v for k, v in values.items() if k in names}))
-        except USER_ERRORS as err:
+        except ValueError as err:
             raise CLIError(_one_line(err)) from err
     return objects
 
@@ -287,11 +289,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command: 0 on success, 2 with one line on a ``UsageError``; any other exception propagates."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except CLIError as err:
-        print(f"neft-trl {args.command}: error: {err}", file=sys.stderr)
+    except UsageError as err:  # raised while setting up, selecting or training: the message names the fix
+        print(f"neft-trl {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

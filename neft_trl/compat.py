@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import UsageError
 from .layers import is_quantized_model
 
 _PEFT_FLAG = "_hf_peft_config_loaded"
@@ -84,7 +85,7 @@ def load_model_like_trl(
     kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
         if "quantization_config" in kwargs:
-            raise ValueError(
+            raise UsageError(
                 "quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it in "
                 "only one place, preferably as the trainer argument."
             )

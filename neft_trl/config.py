@@ -14,6 +14,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig
 
 from .budget import SCOPES, Budget
+from .errors import UsageError
 from .neurons import UNITS
 
 MODES = ("auto", "hooks", "delta")
@@ -87,7 +88,7 @@ class NeFTConfig(SFTConfig):
                 try:
                     setattr(self, name, json.loads(value))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{name} must be a dict or a JSON object string, got {value!r}.") from err
+                    raise UsageError(f"{name} must be a dict or a JSON object string, got {value!r}.") from err
         self.selector_kwargs = dict(self.selector_kwargs or {})
         _check_choice("neuron_unit", self.neuron_unit, UNITS)
         _check_choice("neuron_scope", self.neuron_scope, SCOPES)
@@ -108,4 +109,4 @@ class NeFTConfig(SFTConfig):
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {choices}.")
+        raise UsageError(f"{name}={value!r} is not one of {choices}.")

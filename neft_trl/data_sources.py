@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
 #: ``datasets`` builders for local data files, by suffix.
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UsageError):
     """A data source that cannot be read as asked; the message names the fix."""
 
 

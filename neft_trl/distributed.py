@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .errors import UsageError
 from .mask import NeuronMask
 from .neurons import NeuronMap
 
@@ -70,7 +71,7 @@ def check_sharded_setup(trainer: Any, mode: str) -> None:
     """
     args = trainer.args
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError(
+        raise UsageError(
             "NeFT does not support FSDP: FSDP flattens or re-creates the parameters, so hooks mode cannot mask their "
             "rows, and delta mode's neuron deltas would be created after FSDP wrapped the model. NeFT trains a few "
             "neurons, so gradients and optimizer state are small: use DDP (drop fsdp/fsdp_config; "
@@ -81,21 +82,21 @@ def check_sharded_setup(trainer: Any, mode: str) -> None:
     config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if not isinstance(stage, int):
-        raise ValueError(f"DeepSpeed zero_optimization.stage is {stage!r}: set it to 0, 1 or 2 (NeFT refuses ZeRO-3).")
+        raise UsageError(f"DeepSpeed zero_optimization.stage is {stage!r}: set it to 0, 1 or 2 (NeFT refuses ZeRO-3).")
     if stage >= 3:
-        raise ValueError(
+        raise UsageError(
             "NeFT does not support DeepSpeed ZeRO-3: it partitions every weight, so neurons can be neither scored "
             "(selection reads whole weight rows) nor masked. Use zero_optimization.stage 2 (or 1): NeFT's "
             "gradients and optimizer state are already small, and ZeRO-2 shards them."
         )
     if "optimizer" in config:
-        raise ValueError(
+        raise UsageError(
             "Remove the 'optimizer' section from the DeepSpeed config: DeepSpeed would build that optimizer over "
             "every parameter before NeFT selects its neurons (a silent full fine-tune). Set the optimizer through "
             "NeFTConfig (optim, learning_rate, weight_decay) and NeFT builds it over the selected neurons."
         )
     if mode == "hooks" and args.weight_decay:
-        raise ValueError(
+        raise UsageError(
             f"neft_mode='hooks' with weight_decay={args.weight_decay} under DeepSpeed: DeepSpeed steps flat fp32 "
             "copies of the weights, so the decay that hooks mode applies to the selected neurons only would be "
             "skipped. Use weight_decay=0 (the paper's setting) or neft_mode='delta'."

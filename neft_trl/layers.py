@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .errors import UsageError
+
 
 def is_transposed(module: nn.Module) -> bool:
     """True where the weight is stored ``[in_features, out_features]`` (GPT-2's ``Conv1D``)."""
@@ -34,7 +36,7 @@ def is_quantized_model(model: nn.Module) -> bool:
     if getattr(model, "is_quantized", False) and not bnb:
         method = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
         method = getattr(method, "quant_method", "an unsupported method")
-        raise ValueError(
+        raise UsageError(
             f"This model is quantized with {method}, which NeFT cannot train: load it in full precision, or "
             "4/8-bit with BitsAndBytesConfig (quantization_config=BitsAndBytesConfig(load_in_4bit=True))."
         )

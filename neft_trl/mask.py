@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_write
+from .errors import MissingFileError, UsageError
 from .neurons import NeuronMap
 
 MASK_FILENAME = "neuron_mask.safetensors"
@@ -163,7 +164,7 @@ class NeuronMask:
         layers = self.metadata.get("num_layers", "?")
         inter = self.metadata.get("intermediate_size", "?")
         experts = f", {self.metadata['num_experts']} experts per layer" if "num_experts" in self.metadata else ""
-        raise ValueError(
+        raise UsageError(
             f"Neuron mask for {self.metadata.get('model_type', '?')} ({layers} layers{experts}, "
             f"intermediate size {inter}, "
             f"{len(mine)} projections) does not fit {what} ({len(wanted)} projections). Differences (neurons per "
@@ -188,14 +189,14 @@ class NeuronMask:
         if path.is_dir():
             path = path / MASK_FILENAME
         if not path.is_file():
-            raise FileNotFoundError(f"No neuron mask at {str(path)!r}: pass a file saved by NeuronMask.save().")
+            raise MissingFileError(f"No neuron mask at {str(path)!r}: pass a file saved by NeuronMask.save().")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
                 selected = {name: f.get_tensor(name) for name in f.keys()}
             info = json.loads(meta.pop("neft_trl.info"))
         except (KeyError, ValueError, OSError, SafetensorError) as err:
-            raise ValueError(f"{str(path)!r} is not a neft_trl neuron mask ({err}).") from err
+            raise UsageError(f"{str(path)!r} is not a neft_trl neuron mask ({err}).") from err
         return cls(selected, info, meta)
 
     def __repr__(self) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .experts import check_experts_quantized, expert_views, install_expert_views
 from .layers import features, is_supported_layer, is_transposed
 
@@ -170,7 +171,7 @@ def build_neuron_map(
     layouts = [dict(neuron_modules)] if neuron_modules else list(ARCHITECTURES.values())
     for layout in layouts:
         if not {"up", "down"} <= layout.keys() or not layout.keys() <= {"up", "gate", "down"}:
-            raise ValueError(f"neuron_modules={layout!r} must map 'up', 'down' and optionally 'gate' to child names.")
+            raise UsageError(f"neuron_modules={layout!r} must map 'up', 'down' and optionally 'gate' to child names.")
     fused = dict(install_expert_views(model))
     check_experts_quantized(model, fused)
     layers: dict[str, int] = {}
@@ -202,7 +203,7 @@ def build_neuron_map(
     if not projections:
         model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
         known = "; ".join(f"{arch}: {lay}" for arch, lay in ARCHITECTURES.items())
-        raise ValueError(
+        raise UsageError(
             f"Could not find MLP projections in model type {model_type!r}. Known layouts: {known}. "
             "Set `neuron_modules` (NeFTConfig / build_neuron_map) to the child names of your MLP, "
             'e.g. neuron_modules={"up": "w1", "gate": "w3", "down": "w2"}.'

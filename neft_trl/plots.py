@@ -2,7 +2,9 @@
 
 The paper's insight is *where* task-relevant neurons sit; a heatmap (layers x neuron index, one panel per
 projection role) shows at a glance whether a selection is concentrated in a few layers or spread out, and
-a bar chart gives the per-layer counts. Matplotlib's Agg backend is used so plots work on headless servers.
+a bar chart gives the per-layer counts. Plots are drawn on plain ``matplotlib.figure.Figure`` objects, never
+through ``pyplot``: they work on headless servers, and importing this module leaves the caller's backend (a
+notebook's inline figures, an interactive window) untouched.
 Figure sizes are fixed (constrained layout, no tight bounding box) so a PNG's pixel size is
 ``size * dpi``, predictable for reports and tests.
 """
@@ -12,18 +14,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-matplotlib.use("Agg")  # headless: never needs a display
-
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend choice)
-import numpy as np  # noqa: E402
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
-
-from .mask import NeuronMask  # noqa: E402
-from .report import summarize  # noqa: E402
+from .mask import NeuronMask
+from .report import summarize
 
 #: Wider intermediate sizes are averaged into this many columns, so every selected neuron stays visible
 #: as a share of its bin instead of vanishing when 11008 neurons meet ~1000 pixels.
@@ -115,7 +112,8 @@ def plot_heatmap(mask: NeuronMask, path: str | os.PathLike, size: tuple[float, f
                  dpi: int = DEFAULT_DPI) -> Path:
     """PNG heatmap of the selected neurons per layer, one panel per role. Returns the written path."""
     roles = summarize(mask).roles
-    fig, axes = plt.subplots(len(roles), 1, figsize=size, dpi=dpi, squeeze=False, layout="constrained")
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
+    axes = fig.subplots(len(roles), 1, squeeze=False)
     for ax, role in zip(axes[:, 0], roles, strict=True):
         draw_heatmap(ax, mask, role)
     return _save(fig, path, _title(mask))
@@ -124,8 +122,8 @@ def plot_heatmap(mask: NeuronMask, path: str | os.PathLike, size: tuple[float, f
 def plot_layer_counts(mask: NeuronMask, path: str | os.PathLike, size: tuple[float, float] = DEFAULT_SIZE,
                       dpi: int = DEFAULT_DPI) -> Path:
     """PNG bar chart of selected neurons per layer, stacked by role. Returns the written path."""
-    fig, ax = plt.subplots(figsize=size, dpi=dpi, layout="constrained")
-    draw_layer_counts(ax, mask)
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
+    draw_layer_counts(fig.subplots(), mask)
     return _save(fig, path, _title(mask))
 
 
@@ -135,7 +133,8 @@ def plot_mask(mask: NeuronMask, path: str | os.PathLike, size: tuple[float, floa
     mixture-of-experts mask, the counts per expert). Returns the path."""
     roles = summarize(mask).roles
     extra = 2 if mask.per_expert_counts() else 1
-    fig, axes = plt.subplots(len(roles) + extra, 1, figsize=size, dpi=dpi, squeeze=False, layout="constrained")
+    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
+    axes = fig.subplots(len(roles) + extra, 1, squeeze=False)
     for ax, role in zip(axes[:len(roles), 0], roles, strict=True):
         draw_heatmap(ax, mask, role)
     draw_layer_counts(axes[len(roles), 0], mask)
@@ -150,16 +149,13 @@ def _title(mask: NeuronMask) -> str:
 
 
 def _save(fig: Figure, path: str | os.PathLike, title: str) -> Path:
+    """Write ``fig`` as PNG. A pyplot-free ``Figure`` is never registered with pyplot, so nothing to close."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        plt.close(fig)
         raise ValueError(f"Plots are written as PNG: give a path ending in .png, got {str(path)!r}.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.suptitle(title)
-    try:
-        fig.savefig(path, format="png")
-    finally:
-        plt.close(fig)
+    fig.savefig(path, format="png")
     return path
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .budget import select_top, validate_scores
+from .errors import ArgumentsError, UsageError
 from .layers import parameter_count
 from .mask import NeuronMask
 from .plugins import get_selector
@@ -43,9 +44,9 @@ def run_selector(
     try:
         instance = info.selector_class(**kwargs)
     except TypeError as err:
-        raise TypeError(f"Bad selector_kwargs {sorted(kwargs)} for selector {label}: {err}") from err
+        raise ArgumentsError(f"Bad selector_kwargs {sorted(kwargs)} for selector {label}: {err}") from err
     except ValueError as err:
-        raise ValueError(f"Bad selector_kwargs for selector {label}: {err}") from err
+        raise UsageError(f"Bad selector_kwargs for selector {label}: {err}") from err
     keep = getattr(instance, "keep", "lowest")
     if keep not in ("lowest", "highest"):
         raise ValueError(f"Selector {label} declares keep={keep!r}; it must be 'lowest' or 'highest'.")
@@ -57,8 +58,8 @@ def run_selector(
         try:
             raw = instance.score(context)
         except Exception as err:
-            # a bad input stays a ValueError/TypeError (the message names the fix); anything else is a plugin bug
-            kind = type(err) if type(err) in (ValueError, TypeError) else RuntimeError
+            # a bad input keeps its type (a UsageError names the fix); anything else is a plugin bug
+            kind = type(err) if isinstance(err, UsageError) or type(err) in (ValueError, TypeError) else RuntimeError
             raise kind(f"Neuron selector {label} failed: {type(err).__name__}: {err}") from err
     seconds = time.perf_counter() - start
     _check_untouched(model, before, label)

@@ -28,6 +28,7 @@ from .compat import (
 )
 from .config import NeFTConfig
 from .distributed import broadcast_mask, check_launch, check_sharded_setup
+from .errors import MissingFileError
 from .estimate import log_estimate
 from .functional import apply_neurons
 from .layers import parameter_count
@@ -38,6 +39,7 @@ from .report import NeuronReport, neuron_report
 from .selection import log_mask, run_selector
 from .selectors.base import SelectionContext
 from .training import NeuronTraining, resolve_mode
+from .training.optimizers import check_hooks_optimizer
 
 logger = logging.getLogger("neft_trl")
 
@@ -98,6 +100,7 @@ class NeFTSFTTrainer(SFTTrainer):
             self.model, args.neuron_unit, args.include_gate, args.neuron_modules
         )
         self.neft_mode = resolve_mode(args.neft_mode, self.neuron_map)
+        check_hooks_optimizer(self.neft_mode, args.optim, self.optimizer_cls_and_kwargs)
         check_launch(self.accelerator)
         check_sharded_setup(self, self.neft_mode)
         self.model_parameter_count = parameter_count(self.model)  # before a training mode adds any deltas
@@ -158,7 +161,11 @@ class NeFTSFTTrainer(SFTTrainer):
             getattr(dataloader, "end", lambda: None)()
 
     def _resolve_mask(self) -> NeuronMask:
-        """The mask to train: one already set, the resumed checkpoint's, ``neuron_mask_path``, or a new selection."""
+        """The mask to train: one already set, the resumed checkpoint's, ``neuron_mask_path``, or a new selection.
+
+        Resuming never selects anew: the checkpoint's weights were trained with some mask, and a selection on
+        trained weights picks other neurons (and an optimizer state of another size fails to load).
+        """
         if self.neuron_mask is not None:
             return self.neuron_mask
         for source in (self._resume_checkpoint, self.args.neuron_mask_path):
@@ -167,7 +174,16 @@ class NeFTSFTTrainer(SFTTrainer):
                 log_mask(mask)
                 return mask
             if source and source == self.args.neuron_mask_path:
-                raise FileNotFoundError(f"neuron_mask_path={source!r} holds no {MASK_FILENAME}.")
+                raise MissingFileError(f"neuron_mask_path={source!r} holds no {MASK_FILENAME}.")
+        if self._resume_checkpoint:
+            raise MissingFileError(
+                f"Cannot resume from {self._resume_checkpoint!r}: it holds no {MASK_FILENAME}, so the neurons its "
+                "weights and optimizer state belong to are unknown, and selecting anew on trained weights would "
+                "pick others. A NeFT checkpoint whose save was interrupted: pass the run's mask as "
+                "neuron_mask_path=... (from its output_dir or another checkpoint). A plain SFTTrainer checkpoint "
+                "(its optimizer state covers every weight) cannot be resumed as NeFT: start a new run from its "
+                "weights (the checkpoint folder as the model) without resume_from_checkpoint."
+            )
         return self.select_neurons()  # on every rank: see distributed.py for why
 
     def _prepare_neurons(self) -> None:

@@ -137,11 +137,18 @@ def test_bad_setup_exits_2_with_one_line(workdir, tmp_path, capsys):
     cases = [(["train", *model, "--dataset_name", str(tmp_path / "none.jsonl")], "No such data file or folder"),
              (["train", *model], "--dataset_name is required"),
              (["select", *model, "--neuron_ratio", "0.1", "--num_neurons", "3"], "Set exactly one neuron budget"),
-             (["select", *model, "--selector", "nope"], "Unknown neuron selector 'nope'"),
+             (["select", *model, "--dataset_name", str(workdir / "data.jsonl"), "--selector", "nope"],
+              "Unknown neuron selector 'nope'"),
              (["select", *model, "--dataset_name", str(workdir / "data.jsonl"), "--dataset_train_split", "dev"],
               "holds one split only"),
              (["train", *model, "--dataset_name", str(workdir / "data.jsonl"), "--neuron_mask_path",
-               str(tmp_path / "short.safetensors")], "does not fit this model")]
+               str(tmp_path / "short.safetensors")], "does not fit this model"),
+             (["select", *model], "--dataset_name is required"),
+             (["select", *model, "--dataset_name", str(workdir / "data.jsonl"), "--selector", "random",
+               "--num_neurons", "100000"], "exceeds the 192 candidate neurons"),  # found while selecting
+             (["select", *model, "--dataset_name", str(workdir / "data.jsonl"), "--selector", "random",
+               "--selector_kwargs", '{"colour": "red"}'],
+              "Bad selector_kwargs ['colour'] for selector random")]
     short = NeuronMask.load(workdir / "a.safetensors")
     name = next(iter(short.selected))
     short.selected[name] = short.selected[name][:-1]
@@ -150,6 +157,30 @@ def test_bad_setup_exits_2_with_one_line(workdir, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"neft-trl {argv[0]}: error: ") and message in err, err
+
+
+BUG = r"""
+import sys
+import neft_trl.cli as cli
+
+def load_split(*args, **kwargs):
+    raise ValueError("a bug inside neft_trl, not a user mistake")
+
+cli.load_split = load_split
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_an_unexpected_exception_keeps_its_traceback_and_exits_1(workdir, tmp_path):
+    """A ValueError that is no ``UsageError`` is a bug: not turned into a one-line exit 2 that hides where it was."""
+    argv = ["train", "--model_name_or_path", workdir / "model", "--dataset_name", workdir / "data.jsonl",
+            "--output_dir", tmp_path, *FAST]
+    proc = subprocess.run([sys.executable, "-c", BUG, *map(str, argv)], env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback (most recent call last)" in proc.stderr and "in load_split" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "ValueError: a bug inside neft_trl, not a user mistake"
+    assert "neft-trl train: error" not in proc.stderr
 
 
 def test_load_split_reads_files_and_saved_folders(tmp_path):

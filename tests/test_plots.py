@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +66,29 @@ def test_selection_matrix_bins_wide_layers_and_pads_narrow_ones():
 def test_non_png_path_is_refused(mask, tmp_path):
     with pytest.raises(ValueError, match="ending in .png"):
         plot_mask(mask, tmp_path / "plot.jpg")
+
+
+BACKEND_SCRIPT = r"""
+import json, sys
+import matplotlib
+matplotlib.use("svg")  # the caller's choice, as a notebook's inline backend would be
+import torch
+from neft_trl import NeuronMask
+from neft_trl.plots import plot_mask
+mask = NeuronMask({"l0.up": torch.tensor([True, False, True])}, {"l0.up": {"layer": 0, "role": "up",
+                                                                         "params_per_neuron": 4}})
+plot_mask(mask, sys.argv[1])
+print("RESULT" + json.dumps({"backend": matplotlib.get_backend(), "pyplot": "matplotlib.pyplot" in sys.modules}))
+"""
+
+
+def test_importing_and_plotting_leaves_the_callers_backend_alone(tmp_path):
+    """In a fresh process (this one has imported neft_trl.plots already): the backend stays the caller's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MPLBACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", BACKEND_SCRIPT, str(tmp_path / "p.png")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT"):])
+    assert result == {"backend": "svg", "pyplot": False}
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

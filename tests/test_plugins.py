@@ -16,7 +16,7 @@ from conftest import make_dataset, make_model, make_tokenizer, tiny_args
 from neft_trl import NeFTSFTTrainer, SelectionContext, available_selectors, build_neuron_map, get_selector, hookimpl
 from neft_trl.budget import Budget
 from neft_trl.plugins import PluginError, manager, register_plugin
-from neft_trl.plugins.manager import AUTOLOAD_ENV, _sources, plugin_manager
+from neft_trl.plugins.manager import AUTOLOAD_ENV, DISABLE_ENV, _sources, plugin_manager
 from neft_trl.selection import run_selector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -295,3 +295,45 @@ def test_two_packages_declaring_one_entry_point_name_is_an_error(monkeypatch):
     monkeypatch.setattr(manager, "_loaded_entry_points", False)
     with pytest.raises(PluginError, match="plugin 'random': 'neft-trl' and 'other-pkg'"):
         manager.available_selectors()
+
+
+def test_disabling_plugins_by_name_skips_exactly_those(installed_plugin):
+    """A third-party and a built-in plugin named in NEFT_TRL_DISABLE_PLUGINS are skipped; the others load."""
+    env = {**os.environ, "PYTHONPATH": str(installed_plugin), "OMP_NUM_THREADS": "1", DISABLE_ENV: "magnitude, random"}
+    env.pop(AUTOLOAD_ENV, None)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[len("RESULT"):])
+    assert set(result["selectors"]) == BUILT_INS - {"random"}
+    assert f"Plugins disabled by {DISABLE_ENV}: magnitude, random." in result["error"]
+
+
+def test_disabling_an_installed_plugin_in_process(plugin_on_path, monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "magnitude")
+    assert "magnitude" not in available_selectors() and BUILT_INS <= available_selectors().keys()
+    monkeypatch.setattr(manager, "_loaded_entry_points", False)
+    monkeypatch.delenv(DISABLE_ENV)
+    assert available_selectors()["magnitude"].package == "neft-selector-magnitude"  # back when not disabled
+
+
+def test_a_disabled_name_no_package_declares_is_an_error(monkeypatch):
+    monkeypatch.setenv(DISABLE_ENV, "magnitdue")
+    monkeypatch.setattr(manager, "_loaded_entry_points", False)
+    with pytest.raises(PluginError, match=rf"{DISABLE_ENV} names 'magnitdue', which no installed package declares"
+                                          r".*Installed plugins .*cosine.*random"):
+        available_selectors()
+
+
+def test_disabling_a_name_two_packages_declare_skips_both(monkeypatch):
+    from types import SimpleNamespace
+
+    def broken():
+        raise ImportError("must not be imported when disabled")
+
+    real = [ep for ep in manager.entry_points(group=manager.ENTRY_POINT_GROUP) if ep.name != "gradient"]
+    twins = [SimpleNamespace(name="twin", value=f"pkg{i}.sel", dist=SimpleNamespace(name=f"pkg-{i}"), load=broken)
+             for i in (1, 2)]
+    monkeypatch.setattr(manager, "entry_points", lambda group: [*real, *twins])
+    monkeypatch.setattr(manager, "_loaded_entry_points", False)
+    monkeypatch.setenv(DISABLE_ENV, "twin")
+    assert "random" in available_selectors()  # neither twin was imported, and no conflict was raised

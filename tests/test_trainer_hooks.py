@@ -177,3 +177,64 @@ def test_selector_argument_leaves_the_callers_config_alone(tmp_path):
     trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), selector="random", args=args,
                              processing_class=make_tokenizer())
     assert trainer.args.selector == "random" and args.selector == "cosine"
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0], ids=["no-clipping", "clipping"])
+def test_an_inf_in_a_frozen_rows_gradient_never_reaches_the_weights(tmp_path, max_grad_norm):
+    """The mask zeroes frozen gradients exactly: ``inf * 0`` would be NaN, and clipping would spread it."""
+    model = make_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    up = model.model.layers[0].mlp.up_proj.weight
+    args = tiny_args(tmp_path, max_steps=2, neuron_ratio=0.3, weight_decay=0.1, max_grad_norm=max_grad_norm)
+    trainer = NeFTSFTTrainer(model, make_dataset(), selector="random", args=args, processing_class=make_tokenizer())
+    injected = []
+
+    def inject_inf(grad):  # registered before NeFT's own hook, so it runs first: the raw gradient holds inf
+        frozen = ~trainer.neuron_mask.selected["model.layers.0.mlp.up_proj"]
+        grad = grad.clone()
+        grad[frozen] = float("inf")
+        injected.append(int(frozen.sum()))
+        return grad
+
+    up.register_hook(inject_inf)
+    trainer.train()
+    assert injected and injected[0] > 0
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all(), f"non-finite values in {name}"
+    assert_only_selected_changed(trainer, before)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "delta"])
+def test_resuming_from_a_checkpoint_without_a_mask_is_an_error_naming_the_fix(tmp_path, mode):
+    """A plain SFTTrainer checkpoint holds no mask: selecting anew on its trained weights would be silent and wrong."""
+    from trl import SFTTrainer
+
+    from neft_trl.errors import MissingFileError
+
+    sft_args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=1, save_strategy="steps", save_steps=1,
+                         report_to=[], use_cpu=True, max_length=32, per_device_train_batch_size=4, bf16=False,
+                         disable_tqdm=True)
+    SFTTrainer(make_model("llama"), args=sft_args, train_dataset=make_dataset(),
+               processing_class=make_tokenizer()).train()
+    checkpoint = tmp_path / "sft" / "checkpoint-1"
+    assert (checkpoint / "optimizer.pt").is_file() and not (checkpoint / "neuron_mask.safetensors").exists()
+    trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), selector="random",
+                             args=tiny_args(tmp_path, max_steps=2, neft_mode=mode), processing_class=make_tokenizer())
+    with pytest.raises(MissingFileError, match=r"Cannot resume from .*checkpoint-1.* holds no "
+                                               r"neuron_mask.safetensors.*neuron_mask_path=") as err:
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert "start a new run from its weights" in str(err.value)
+    assert trainer.neuron_mask is None  # nothing was selected
+
+
+def test_the_mask_is_written_before_the_weights(tmp_path, monkeypatch):
+    """A save that dies while writing the weights still leaves the mask, so the checkpoint stays resumable."""
+    trainer = _train(tmp_path, make_model("llama"), max_steps=1, neuron_ratio=0.2)
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(trainer.model, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_model(str(tmp_path / "saved"))
+    assert NeuronMask.load(tmp_path / "saved") == trainer.neuron_mask

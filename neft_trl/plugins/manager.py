@@ -1,7 +1,9 @@
 """One module-level plugin manager; built-in and third-party selectors load through the same entry points.
 
 Set ``NEFT_TRL_DISABLE_PLUGIN_AUTOLOAD=1`` to load only neft_trl's own selectors (third-party packages
-stay installed but hidden); call ``register_plugin`` to add a plugin from a test or a notebook.
+stay installed but hidden), or ``NEFT_TRL_DISABLE_PLUGINS=magnitude,other`` to skip the named plugins only
+(entry-point names, built-ins included; a name no installed package declares is an error, not a silent
+no-op); call ``register_plugin`` to add a plugin from a test or a notebook.
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ from importlib.metadata import entry_points
 
 import pluggy
 
+from ..errors import UsageError
 from . import hookspecs
 
 ENTRY_POINT_GROUP = "neft_trl.selectors"
 AUTOLOAD_ENV = "NEFT_TRL_DISABLE_PLUGIN_AUTOLOAD"
+DISABLE_ENV = "NEFT_TRL_DISABLE_PLUGINS"
 OWN_DISTRIBUTION = "neft-trl"
 
 plugin_manager = pluggy.PluginManager("neft_trl")
 plugin_manager.add_hookspecs(hookspecs)
 _sources: dict[str, str] = {}  # plugin name -> distribution that provides it
 _loaded_entry_points = False
+_disabled: set[str] = set()  # entry-point names skipped through DISABLE_ENV, named when a selector is unknown
 
 
-class PluginError(ValueError):
+class PluginError(UsageError):
     """A plugin that cannot be used as installed; the message names the plugin, its package and the fix."""
 
 
@@ -66,28 +71,45 @@ def _load_entry_points() -> None:
     if _loaded_entry_points:
         return
     autoload = os.environ.get(AUTOLOAD_ENV, "").lower() not in ("1", "true", "yes")
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    found = list(entry_points(group=ENTRY_POINT_GROUP))
+    disabled = _disabled_names({ep.name for ep in found})
+    for ep in found:
         package = ep.dist.name if ep.dist is not None else "?"
-        if not autoload and _normalize(package) != OWN_DISTRIBUTION:
+        if ep.name in disabled or (not autoload and _normalize(package) != OWN_DISTRIBUTION):
             continue
         if plugin_manager.has_plugin(ep.name):
             if _sources.get(ep.name) == package:
                 continue  # already loaded (an earlier call, or the same distribution twice on sys.path)
             raise PluginError(
                 f"Two packages declare the neft_trl plugin {ep.name!r}: {_sources.get(ep.name)!r} and {package!r}. "
-                f"Uninstall one of them, rename one entry point, or set {AUTOLOAD_ENV}=1 to load only neft_trl's "
-                "own selectors."
+                f"Uninstall one of them, rename one entry point, set {DISABLE_ENV}={ep.name} to skip both, or set "
+                f"{AUTOLOAD_ENV}=1 to load only neft_trl's own selectors."
             )
         try:
             plugin = ep.load()
         except Exception as err:
             raise PluginError(
                 f"The neft_trl plugin {ep.name!r} ({ep.value}) from package {package!r} failed to import: "
-                f"{type(err).__name__}: {err}. Fix or uninstall {package!r}, or set {AUTOLOAD_ENV}=1 to load only "
-                "neft_trl's own selectors."
+                f"{type(err).__name__}: {err}. Fix or uninstall {package!r}, set {DISABLE_ENV}={ep.name} to skip it, "
+                f"or set {AUTOLOAD_ENV}=1 to load only neft_trl's own selectors."
             ) from err
         register_plugin(plugin, name=ep.name, package=package)
+    _disabled.clear()
+    _disabled.update(disabled)
     _loaded_entry_points = True  # only after every plugin loaded: a broken one keeps failing loudly
+
+
+def _disabled_names(installed: set[str]) -> set[str]:
+    """The plugin names in ``NEFT_TRL_DISABLE_PLUGINS``; one that no installed package declares is an error."""
+    names = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
+    unknown = sorted(names - installed)
+    if unknown:
+        raise PluginError(
+            f"{DISABLE_ENV} names {', '.join(map(repr, unknown))}, which no installed package declares as a "
+            f"neft_trl plugin. Installed plugins (entry points {ENTRY_POINT_GROUP!r}): {', '.join(sorted(installed))}. "
+            f"Fix the name or remove it from {DISABLE_ENV}."
+        )
+    return names
 
 
 def available_selectors() -> dict[str, SelectorInfo]:
@@ -135,9 +157,10 @@ def get_selector(name: str) -> SelectorInfo:
     selectors = available_selectors()
     if name not in selectors:
         installed = ", ".join(f"{n} ({i.package})" for n, i in selectors.items()) or "none"
-        raise ValueError(
-            f"Unknown neuron selector {name!r}. Installed selectors: {installed}. Install a package that provides "
-            f"it (entry-point group {ENTRY_POINT_GROUP!r}) or pick one of these."
+        disabled = f" Plugins disabled by {DISABLE_ENV}: {', '.join(sorted(_disabled))}." if _disabled else ""
+        raise UsageError(
+            f"Unknown neuron selector {name!r}. Installed selectors: {installed}.{disabled} Install a package that "
+            f"provides it (entry-point group {ENTRY_POINT_GROUP!r}) or pick one of these."
         )
     return selectors[name]
 

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..budget import Budget
+from ..errors import UsageError
 from ..neurons import NeuronMap
 
 Batch = dict[str, torch.Tensor]
@@ -57,7 +58,7 @@ class SelectionContext:
 
     def require_batches(self, selector: str) -> Callable[[int], Iterator[Batch]]:
         if self.batches is None:
-            raise ValueError(
+            raise UsageError(
                 f"Selector {selector!r} needs training data: give the trainer a train_dataset, or build the "
                 "SelectionContext with batches=[batch, ...] (collated dicts of tensors on the model's device)."
             )
@@ -69,7 +70,7 @@ class SelectionContext:
     def iter_batches(self, count: int, selector: str, desc: str) -> Iterator[Batch]:
         """``count`` batches under a tqdm bar; an empty data source is an error, not a silent zero score."""
         if int(count) != count or count < 1:
-            raise ValueError(f"Selector {selector!r}: the number of batches must be a positive integer, got {count!r}.")
+            raise UsageError(f"Selector {selector!r}: the number of batches must be a positive integer, got {count!r}.")
         produced = 0
         bar = tqdm(total=int(count), desc=desc, unit="batch", disable=not self.show_progress, leave=False)
         with bar:
@@ -78,7 +79,7 @@ class SelectionContext:
                 yield batch
                 bar.update()
         if produced == 0:
-            raise ValueError(f"Selector {selector!r} got no batches: the training data (or calibration set) is empty.")
+            raise UsageError(f"Selector {selector!r} got no batches: the training data (or calibration set) is empty.")
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The training loss of one batch, computed as the trainer computes it (including its autocast)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import UsageError
 from ..layers import is_quantized
 from ..mask import NeuronMask
 from ..neurons import NeuronMap
@@ -28,7 +29,7 @@ def resolve_mode(mode: str, neuron_map: NeuronMap) -> str:
     if mode == "auto":
         return "delta"
     if mode == "hooks" and quantized:
-        raise ValueError(
+        raise UsageError(
             f"neft_mode='hooks' cannot train quantized weights ({quantized[0]} is 4/8-bit): use neft_mode='delta' "
             "or 'auto'."
         )

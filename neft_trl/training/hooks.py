@@ -1,9 +1,10 @@
 """``hooks`` mode: the projections' own full-precision weights train; gradient hooks zero the rest.
 
 Only projections that hold selected neurons get ``requires_grad``; every other parameter is frozen. Each
-trainable weight (and an in-neuron's bias) gets a tensor hook that multiplies its gradient by the neuron
-mask, so gradient clipping, accumulation and DDP all see masked gradients, and Adam-style optimizers
-never move a neuron whose gradient was always zero.
+trainable weight (and an in-neuron's bias) gets a tensor hook that sets its frozen neurons' gradient to
+exactly zero (``torch.where``, not a product: ``inf * 0`` is NaN, and a NaN there would reach the frozen
+weights through clipping and the optimizer), so gradient clipping, accumulation and DDP all see masked
+gradients, and Adam-style optimizers never move a neuron whose gradient was always zero.
 
 Weight decay is the one thing an optimizer applies without a gradient: AdamW's ``p *= 1 - lr * wd`` would
 shrink frozen rows. So these weights are kept out of the optimizer's decay group, and an optimizer step
@@ -46,7 +47,7 @@ class GradientMaskTraining(NeuronTraining):
         for param, keep in targets:
             keep = keep.to(device=param.device, dtype=param.dtype)
             param.requires_grad_(True)
-            self._handles.append(param.register_hook(lambda grad, keep=keep: grad * keep.to(grad.dtype)))
+            self._handles.append(param.register_hook(_zero_frozen(keep.bool())))
             self._masked.append((names[id(param)], param, keep))
 
     def detach(self) -> None:
@@ -75,3 +76,12 @@ class GradientMaskTraining(NeuronTraining):
                 param.mul_(keep * (factor - 1) + 1)
 
         self._handles.append(optimizer.register_step_pre_hook(decay_selected))
+
+
+def _zero_frozen(keep: torch.Tensor):
+    """A gradient hook: the frozen neurons' entries become exactly 0, whatever the raw gradient holds (inf, NaN)."""
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+    return hook

@@ -2,16 +2,15 @@
 
 Score = the p-norm of each candidate neuron's weight vector (a row of up/gate, a column of down; for
 ``neuron_unit="mlp"`` the whole unit), from the weights as the forward pass uses them (dequantized for
-4/8-bit layers). A data-free baseline: no batches, no gradients, milliseconds.
+4/8-bit layers). A data-free baseline: no batches, no gradients, milliseconds. It imports only
+``neft_trl.plugin_api``, the surface neft_trl keeps stable for plugin authors.
 """
 
 from __future__ import annotations
 
 import torch
 
-import neft_trl
-from neft_trl.layers import dense_weight
-from neft_trl.neurons import neuron_vectors
+from neft_trl.plugin_api import SelectionContext, dense_weight, hookimpl, neuron_vectors
 
 
 class MagnitudeSelector:
@@ -25,7 +24,7 @@ class MagnitudeSelector:
             raise ValueError(f"p must be > 0 (the norm's order), got {p!r}.")
         self.p = float(p)
 
-    def score(self, context: neft_trl.SelectionContext) -> dict[str, torch.Tensor]:
+    def score(self, context: SelectionContext) -> dict[str, torch.Tensor]:
         scores = {}
         for group in context.neuron_map.groups:
             powers = sum(neuron_vectors(proj, dense_weight(proj.module)).abs().pow(self.p).sum(1)
@@ -34,6 +33,6 @@ class MagnitudeSelector:
         return scores
 
 
-@neft_trl.hookimpl
+@hookimpl
 def neft_register_selectors(register):
     register(MagnitudeSelector)
