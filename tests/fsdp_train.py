@@ -6,8 +6,9 @@ fixed-length sequences without padding; each rank trains on its half. Every rank
 same number of tokens, so FSDP2's averaged gradient is exactly the one-process gradient of the global batch,
 and the runs differ only in float summation order. Each rank, like an FSDP2 user:
 
-1. selects with the cosine selector on the same calibration batches (so every rank gets the same mask,
-   which ``apply_neurons`` checks: a rank-dependent mask is refused first, its error recorded);
+1. selects with the cosine selector on its own shard of the calibration batches; the ranks' masks differ,
+   which ``apply_neurons`` refuses (the error is recorded); ``broadcast_mask`` then gives every rank rank 0's
+   (the reference selects on the shard rank 0 sees, so it finds the same mask);
 2. ``apply_neurons(model, mask, "delta")``, then ``fully_shard`` each decoder layer, then the root;
 3. trains 3 SGD steps (a wrong gradient scale would move the deltas by ~lr * |grad|);
 4. ``handle.save(out/saved)`` on every rank (the deltas are gathered; rank 0 writes);
@@ -32,8 +33,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from neft_trl import apply_neurons, select_neurons
+from neft_trl.distributed import broadcast_mask
 from neft_trl.sharding import full
 
+RANKS = 2  # of the sharded run, which the one-process reference mirrors
 GLOBAL_BATCH = 4
 SEQ_LEN = 12
 STEPS = 3
@@ -45,6 +48,11 @@ def global_batches(count: int, seed: int) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     ids = [torch.randint(3, 64, (GLOBAL_BATCH, SEQ_LEN), generator=g) for _ in range(count)]
     return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
+
+
+def shard(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """The rows of a global batch that ``rank`` of ``world`` trains on."""
+    return {k: v.chunk(world)[rank] for k, v in batch.items()}
 
 
 def _refusal(action) -> str:
@@ -63,11 +71,11 @@ def train_and_report(output_dir: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
     report: dict = {"world_size": world}
     model = make_model("llama")
-    if sharded:  # each rank selects on its own seed: the ranks' masks differ, which apply_neurons must refuse
-        own = select_neurons(model, None, "random", neuron_ratio=0.25, seed=rank, show_progress=False)
-        report["different_masks"] = _refusal(lambda: apply_neurons(model, own, "delta"))
-    mask = select_neurons(model, global_batches(2, seed=1), "cosine", neuron_ratio=0.25, probe_steps=3,
-                          show_progress=False)
+    calibration = [shard(b, rank, RANKS) for b in global_batches(2, seed=1)]  # the reference: rank 0's shard
+    mask = select_neurons(model, calibration, "cosine", neuron_ratio=0.25, probe_steps=3, show_progress=False)
+    if sharded:
+        report["different_masks"] = _refusal(lambda: apply_neurons(model, mask, "delta"))
+        mask = broadcast_mask(mask)
     handle = apply_neurons(model, mask, "delta")
     if sharded:
         mesh = init_device_mesh("cpu", (world,))
@@ -79,8 +87,7 @@ def train_and_report(output_dir: str) -> None:
     model.train()
     losses = []
     for batch in global_batches(STEPS, seed=2):
-        part = {k: v.chunk(world)[rank] for k, v in batch.items()}
-        loss = model(**part).loss
+        loss = model(**shard(batch, rank, world)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -109,6 +116,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.use_deterministic_algorithms(True)
     dist.init_process_group("gloo")
+    if dist.get_world_size() != RANKS:
+        raise SystemExit(f"Run under torchrun --nproc_per_node {RANKS}: the reference mirrors {RANKS} ranks.")
     try:
         train_and_report(args.output_dir)
     finally:
