@@ -11,7 +11,8 @@ and the runs differ only in float summation order. Each rank, like an FSDP2 user
    (the reference selects on the shard rank 0 sees, so it finds the same mask);
 2. ``apply_neurons(model, mask, "delta")``, then ``fully_shard`` each decoder layer, then the root;
 3. trains 3 SGD steps (a wrong gradient scale would move the deltas by ~lr * |grad|);
-4. ``handle.save(out/saved)`` on every rank (the deltas are gathered; rank 0 writes);
+4. ``handle.save(out/saved)`` on every rank (the deltas are gathered; rank 0 writes), zeroes its deltas and
+   loads them back from that file as a resume would (each rank keeps its shard of the whole saved delta);
 5. records what a sharded model refuses (attaching deltas or hooks again, merging).
 
 It writes, with safetensors and JSON only: ``rank{r}.safetensors`` (every parameter, gathered whole),
@@ -97,6 +98,12 @@ def train_and_report(output_dir: str) -> None:
         losses.append(mean.item())
     report["losses"] = losses
     handle.save(Path(output_dir) / "saved")
+    if sharded:
+        dist.barrier()  # rank 0 has written the file every rank now reads
+    with torch.no_grad():
+        for delta in handle.deltas.values():
+            delta.weight.zero_()
+    handle.load(Path(output_dir) / "saved")  # the parameters written below are these reloaded ones
     if sharded:
         report["attach_again"] = _refusal(lambda: apply_neurons(model, mask, "delta"))
         report["hooks"] = _refusal(lambda: apply_neurons(model, mask, "hooks"))
