@@ -15,18 +15,23 @@ number of ``compute_loss`` calls on every rank (a fixed batch count, no data-dep
 The cosine probe trains its own deltas on the unwrapped model with its own optimizer: no DDP hooks and
 no gradient all-reduce, so it never waits on another rank.
 
-Sharded training: ``hooks`` mode masks rows of the original weights through tensor hooks, which FSDP
-(flat or DTensor parameters, hooks lost when parameters are replaced) and DeepSpeed ZeRO-3 (partitioned
-parameters) break, so they are refused with the settings that work. See ``check_sharded_setup``.
+Sharded training: ``delta`` mode runs under FSDP2 (``fully_shard``) when the deltas exist before the model
+is wrapped (``sharding.py``). ``hooks`` mode masks rows of the original weights through tensor hooks, which
+FSDP (flat or DTensor parameters, hooks lost when parameters are replaced) and DeepSpeed ZeRO-3
+(partitioned parameters) break, so they are refused with the settings that work. See
+``check_sharded_setup``. Outside the Trainer, ``apply_neurons`` checks that every rank got the same mask
+(``check_same_mask``): ranks that train different neurons under DDP or FSDP2 would silently diverge.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .errors import UsageError
 from .mask import NeuronMask
@@ -59,10 +64,11 @@ def check_launch(accelerator: Any) -> None:
 def check_sharded_setup(trainer: Any, mode: str) -> None:
     """Refuse FSDP and DeepSpeed setups where the training mode cannot hold the mask (see the README section).
 
-    - FSDP (1 or 2): both modes are refused. FSDP replaces or flattens the parameters, so hooks mode's
-      gradient hooks are lost or cannot mask rows of a flat parameter; delta mode's deltas are only
-      created in ``create_optimizer``, after FSDP1 has already wrapped the model (its optimizer creation is
-      delayed), so FSDP would never shard or reduce them.
+    - FSDP2 (``fsdp_config={"version": 2}``) in delta mode works: ``NeFTSFTTrainer.train`` attaches the
+      deltas before accelerate wraps the model, so FSDP2 shards them and averages their gradients. Hooks
+      mode is refused under FSDP (``fully_shard`` replaces the parameters and drops their gradient hooks;
+      FSDP1 flattens them, so no hook could mask rows), and so is FSDP1 in delta mode (its flat parameters
+      mix frozen weights with the deltas, and it is deprecated in transformers).
     - DeepSpeed ZeRO-3 partitions every weight, so neither selection (which reads whole weights) nor the
       masks fit: refused. ZeRO-0/1/2 keep whole weights on every rank and work in both modes, except:
       an ``optimizer`` section in the DeepSpeed config (DeepSpeed would build it over every parameter
@@ -71,12 +77,19 @@ def check_sharded_setup(trainer: Any, mode: str) -> None:
     """
     args = trainer.args
     if getattr(trainer, "is_fsdp_enabled", False):
-        raise UsageError(
-            "NeFT does not support FSDP: FSDP flattens or re-creates the parameters, so hooks mode cannot mask their "
-            "rows, and delta mode's neuron deltas would be created after FSDP wrapped the model. NeFT trains a few "
-            "neurons, so gradients and optimizer state are small: use DDP (drop fsdp/fsdp_config; "
-            f"{LAUNCHERS}), or DeepSpeed ZeRO-2 (deepspeed=... with zero_optimization.stage <= 2) to shard the rest."
-        )
+        version = getattr(trainer.accelerator.state.fsdp_plugin, "fsdp_version", 1)
+        if mode == "hooks":
+            raise UsageError(
+                "neft_mode='hooks' does not support FSDP: FSDP replaces or flattens the parameters, so the gradient "
+                "hooks that mask their rows are lost. Use neft_mode='delta' with FSDP2 (fsdp_config={'version': 2}), "
+                f"or DDP (drop fsdp/fsdp_config; {LAUNCHERS})."
+            )
+        if version != 2:
+            raise UsageError(
+                f"NeFT's delta mode supports FSDP2 only, this run uses FSDP{version}: FSDP1 flattens the frozen "
+                "weights and the neuron deltas into shared flat parameters. Set fsdp_config={'version': 2} (the "
+                f"default of transformers 5), or use DDP ({LAUNCHERS})."
+            )
     if not getattr(trainer, "is_deepspeed_enabled", False):
         return
     config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config
@@ -103,22 +116,64 @@ def check_sharded_setup(trainer: Any, mode: str) -> None:
         )
 
 
-def broadcast_mask(mask: NeuronMask, neuron_map: NeuronMap, accelerator: Any) -> NeuronMask:
-    """Every rank passes its own mask; every rank gets rank 0's (see the module docstring for why all select)."""
-    if accelerator.num_processes == 1:
-        return mask
-    import torch.distributed as dist
+def _world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group; ``(0, 1)`` without one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
-    payload = [(mask.selected, mask.info, mask.metadata) if accelerator.is_main_process else None]
+
+def broadcast_mask(mask: NeuronMask, neuron_map: NeuronMap | None = None, accelerator: Any = None) -> NeuronMask:
+    """Every rank passes its own mask; every rank gets rank 0's (see the module docstring for why all select).
+
+    Without ``accelerator`` the default ``torch.distributed`` process group is used (a custom loop:
+    ``mask = broadcast_mask(select_neurons(...))`` on every rank). ``neuron_map``: check that the mask fits it.
+    """
+    rank, world_size = (accelerator.process_index, accelerator.num_processes) if accelerator else _world()
+    if world_size == 1:
+        return mask
+    payload = [(mask.selected, mask.info, mask.metadata) if rank == 0 else None]
     dist.broadcast_object_list(payload, src=0)
     selected, info, metadata = payload[0]
     received = NeuronMask({n: torch.as_tensor(t) for n, t in selected.items()}, info, metadata)
-    received.check_fits(neuron_map)
-    if not accelerator.is_main_process and received != mask:
+    if neuron_map is not None:
+        received.check_fits(neuron_map)
+    if rank != 0 and received != mask:
         differing = sum(int((received.selected[n] != mask.selected[n]).sum()) for n in received.selected
                         if n in mask.selected and mask.selected[n].shape == received.selected[n].shape)
         logger.info(
             "NeFT: rank %d's own selection differed from rank 0's in %d neurons (it scored another shard of the "
-            "data); every rank trains rank 0's mask.", accelerator.process_index, differing,
+            "data); every rank trains rank 0's mask.", rank, differing,
         )
     return received
+
+
+def mask_digest(mask: NeuronMask) -> str:
+    """A short fingerprint of which neurons ``mask`` selects (names and bits, not metadata)."""
+    digest = hashlib.sha256()
+    for name in sorted(mask.selected):
+        digest.update(name.encode())
+        digest.update(mask.selected[name].numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_same_mask(mask: NeuronMask) -> None:
+    """Refuse, on every rank, a mask that differs between the ranks of the default process group.
+
+    Every rank must call this (an ``all_gather`` of fingerprints); a single process returns at once. Ranks
+    that select on their own shard of the data get different masks, and would train different neurons:
+    under DDP the averaged gradients then move neurons that some rank keeps frozen, under FSDP2 the delta
+    shapes do not even agree.
+    """
+    rank, world_size = _world()
+    if world_size == 1:
+        return
+    digests: list[str | None] = [None] * world_size
+    dist.all_gather_object(digests, mask_digest(mask))
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise ValueError(
+            f"Rank {rank}: ranks {differing} hold another neuron mask than rank 0, so they would train other "
+            "neurons. Make the mask identical on every rank: mask = neft_trl.distributed.broadcast_mask(mask) "
+            "after select_neurons (every rank then trains rank 0's), or load one saved mask file on every rank."
+        )

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .budget import Budget
+from .distributed import check_same_mask
 from .layers import parameter_count
 from .mask import NeuronMask
 from .neurons import NeuronMap, build_neuron_map
@@ -82,9 +83,12 @@ def apply_neurons(
     trainable neurons that never moves a frozen one, ``handle.save(dir)`` writes the result,
     ``handle.merge()`` folds deltas into full-precision weights, ``handle.detach()`` undoes everything.
 
-    A mask made for another model (or another layout) is refused with the shapes that differ.
+    A mask made for another model (or another layout) is refused with the shapes that differ. In a
+    multi-process job every rank must call this with the same mask (checked; see
+    ``neft_trl.distributed.broadcast_mask``), and under FSDP2 before ``fully_shard`` (a sharded model is refused).
     """
     neuron_map = neuron_map or neuron_map_for_mask(model, mask)
+    check_same_mask(mask)
     training = build_training(resolve_mode(mode, neuron_map), model, neuron_map, mask)
     training.attach()
     return training

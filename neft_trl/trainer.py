@@ -215,6 +215,9 @@ class NeFTSFTTrainer(SFTTrainer):
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self._resume_checkpoint = resume_from_checkpoint or None
+        if self.is_fsdp_enabled and self.neuron_training is None:  # FSDP2 must find the deltas when it wraps
+            self._move_model_to_device(self.model, self.args.device)  # selection runs on the whole, unwrapped model
+            self._prepare_neurons()
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
@@ -250,10 +253,13 @@ class NeFTSFTTrainer(SFTTrainer):
         if training is None or not training.saves_model_itself:
             super().save_model(output_dir, _internal_call)
             return
+        training.save_trained(output_dir, write=self.args.should_save)  # every rank: FSDP2 gathers the deltas
         if not self.args.should_save:
             return
-        training.save_trained(output_dir)
-        if not _internal_call and not training.quantized:
+        if not _internal_call and training.sharded:
+            logger.warning("NeFT: under FSDP2 the saved model is the neuron delta only; neft_trl.merge_neuron_delta("
+                           "base_model, %s) makes a plain checkpoint.", output_dir)
+        elif not _internal_call and not training.quantized:
             training.save_merged(output_dir)
         if self.processing_class is not None:  # as SFTTrainer saves it beside the model
             self.processing_class.save_pretrained(output_dir)

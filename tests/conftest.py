@@ -4,6 +4,9 @@ built offline, and a small text dataset. Nothing is downloaded."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +67,21 @@ def make_dataset(n: int = 32, seed: int = 0) -> Dataset:
         idx = torch.randint(len(WORDS), (int(torch.randint(4, 10, (1,), generator=g)),), generator=g)
         rows.append(" ".join(WORDS[i] for i in idx))
     return Dataset.from_dict({"text": rows})
+
+
+def torchrun(script: Path, out: Path, *script_args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run ``script --output_dir out *script_args`` as ``nproc`` processes under ``torchrun`` (one thread each).
+
+    The ranks import the same ``neft_trl`` as this process (a checkout under test, not an installed copy).
+    """
+    import neft_trl
+
+    source = str(Path(neft_trl.__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               str(script), "--output_dir", str(out), *script_args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
 @pytest.fixture(autouse=True)

@@ -15,15 +15,12 @@ gradient) a wrong gradient scale moves the weights by ~lr * |grad| ~ 1e-3.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, torchrun
 from ddp_train import ScriptArgs, train_and_report
 from safetensors.torch import load_file
 
@@ -33,13 +30,6 @@ from neft_trl.distributed import check_sharded_setup
 SCRIPT = Path(__file__).with_name("ddp_train.py")
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
-
-
-def _torchrun(out: Path, *script_args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-               "--output_dir", str(out), *script_args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
 def _rank(out: Path, rank: int) -> dict:
@@ -54,7 +44,7 @@ def _rank(out: Path, rank: int) -> dict:
 
 def _run_ddp_and_reference(tmp_path: Path, mode: str, *script_args: str) -> tuple[list[dict], dict]:
     ddp_out = tmp_path / "ddp"
-    done = _torchrun(ddp_out, "--mode", mode, "--batch_size", "2", *script_args)
+    done = torchrun(SCRIPT, ddp_out, "--mode", mode, "--batch_size", "2", *script_args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     ranks = [_rank(ddp_out, 0), _rank(ddp_out, 1)]
     options = dict(zip(script_args[::2], script_args[1::2], strict=True))
@@ -127,27 +117,36 @@ def test_delta_mode_under_ddp_matches_one_process(tmp_path):
 
 def test_ranks_that_would_train_alone_are_refused(tmp_path):
     """torchrun on a CPU machine without use_cpu=True: accelerate sets up one process per rank (DistributedType.NO)."""
-    done = _torchrun(tmp_path / "out", "--use_cpu", "False", "--selector", "random")
+    done = torchrun(SCRIPT, tmp_path / "out", "--use_cpu", "False", "--selector", "random")
     assert done.returncode != 0
     assert "each process would train alone" in done.stderr + done.stdout
     assert "use_cpu=True, ddp_backend='gloo'" in done.stderr + done.stdout
     assert not (tmp_path / "out" / "rank0.json").exists()
 
 
-def _sharded_trainer(fsdp: bool = False, deepspeed: dict | None = None, weight_decay: float = 0.0):
-    """The three attributes check_sharded_setup reads, as a Trainer has them after __init__."""
-    plugin = SimpleNamespace(deepspeed_config=deepspeed)
+def _sharded_trainer(fsdp: int | None = None, deepspeed: dict | None = None, weight_decay: float = 0.0):
+    """The attributes check_sharded_setup reads, as a Trainer has them after __init__ (``fsdp``: its version)."""
+    state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=deepspeed),
+                            fsdp_plugin=SimpleNamespace(fsdp_version=fsdp) if fsdp else None)
     return SimpleNamespace(
-        is_fsdp_enabled=fsdp, is_deepspeed_enabled=deepspeed is not None,
-        accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
-        args=SimpleNamespace(weight_decay=weight_decay),
+        is_fsdp_enabled=fsdp is not None, is_deepspeed_enabled=deepspeed is not None,
+        accelerator=SimpleNamespace(state=state), args=SimpleNamespace(weight_decay=weight_decay),
     )
 
 
-@pytest.mark.parametrize("mode", ["hooks", "delta"])
-def test_fsdp_is_refused_naming_what_works(mode):
-    with pytest.raises(ValueError, match="does not support FSDP.*use DDP.*ZeRO-2"):
-        check_sharded_setup(_sharded_trainer(fsdp=True), mode)
+@pytest.mark.parametrize(
+    ("version", "mode", "error"),
+    [(2, "hooks", "hooks' does not support FSDP.*neft_mode='delta' with FSDP2.*DDP"),
+     (1, "hooks", "hooks' does not support FSDP"),
+     (1, "delta", "FSDP2 only, this run uses FSDP1.*'version': 2")],
+)
+def test_fsdp_setups_that_cannot_hold_the_mask_are_refused(version, mode, error):
+    with pytest.raises(ValueError, match=error):
+        check_sharded_setup(_sharded_trainer(fsdp=version), mode)
+
+
+def test_fsdp2_delta_mode_is_allowed():
+    check_sharded_setup(_sharded_trainer(fsdp=2), "delta")  # deltas attached before wrapping: tests/test_fsdp.py
 
 
 @pytest.mark.parametrize(

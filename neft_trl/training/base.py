@@ -17,6 +17,7 @@ from torch import nn
 
 from ..mask import MASK_FILENAME, NeuronMask
 from ..neurons import NeuronMap
+from ..sharding import writes_files
 
 
 class NeuronTraining(ABC):
@@ -95,12 +96,21 @@ class NeuronTraining(ABC):
         """Write the neuron mask, then this mode's trained state (``save_trained``), into ``output_dir``.
 
         The mask goes first, so a folder that holds trained weights always holds the mask they were trained on.
+        In a multi-process job only rank 0 writes; under ``fully_shard`` call it on every rank (the deltas are
+        gathered from all of them).
         """
-        self.mask.save(os.path.join(output_dir, MASK_FILENAME))
-        self.save_trained(output_dir)
+        write = writes_files()
+        if write:
+            self.mask.save(os.path.join(output_dir, MASK_FILENAME))
+        self.save_trained(output_dir, write=write)
 
-    def save_trained(self, output_dir: str | os.PathLike) -> None:
-        """The trained state alone: the full model (``save_pretrained``) where the weights themselves trained."""
+    def save_trained(self, output_dir: str | os.PathLike, write: bool = True) -> None:
+        """The trained state alone: the full model (``save_pretrained``) where the weights themselves trained.
+
+        ``write=False``: take part in what saving needs from every rank (gathering sharded deltas), write nothing.
+        """
+        if not write:
+            return
         if not hasattr(self.model, "save_pretrained"):
             raise TypeError(f"{type(self.model).__name__} has no save_pretrained(): save model.state_dict() with "
                             "safetensors yourself, or use neft_mode='delta' (which saves only the neurons).")

@@ -13,6 +13,9 @@ hooks mode shrinks the whole selected weight toward zero instead.
 
 Deltas are fp32 by default, whatever the base dtype: they are created after ``SFTTrainer.__init__``, so
 TRL's bf16 cast of a quantized model's trainable parameters never reaches them.
+
+FSDP2: attach the deltas, then ``fully_shard`` the model; FSDP2 then shards and averages them like any
+trainable parameter (``sharding.py`` says what changes: gathered saves, scattered loads, no in-place merge).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from .. import __version__
 from ..layers import features, is_quantized, is_transposed
 from ..mask import NeuronMask
 from ..neurons import NeuronMap
+from ..sharding import check_unsharded, copy_full_, is_sharded
 from .base import NeuronTraining
 from .delta_io import DELTA_FILENAME, check_delta_fits, read_neuron_delta, save_neuron_delta
 from .delta_layer import DELTA_ATTRIBUTE, NeuronDelta, attach_delta, detach_delta
@@ -51,6 +55,7 @@ class DeltaTraining(NeuronTraining):
     def attach(self) -> None:
         if self.deltas:
             raise RuntimeError("DeltaTraining.attach() called twice: call detach() first.")
+        check_unsharded(self.model, "attach neuron deltas")
         self.freeze_model()
         for proj in self.neuron_map:
             index = self.mask.indices(proj.name)
@@ -65,6 +70,7 @@ class DeltaTraining(NeuronTraining):
 
     def detach(self) -> None:
         """Remove the deltas (the model computes its base function again) and restore requires_grad flags."""
+        check_unsharded(self.model, "detach neuron deltas")
         for name in self.deltas:
             detach_delta(self.neuron_map.by_name[name].module)
         self.deltas = {}
@@ -78,6 +84,11 @@ class DeltaTraining(NeuronTraining):
         return sum(p.numel() for d in self.deltas.values() for p in d.parameters())
 
     @property
+    def sharded(self) -> bool:
+        """True once ``fully_shard`` has split the deltas across ranks (they are DTensors)."""
+        return any(is_sharded(d.weight) for d in self.deltas.values())
+
+    @property
     def quantized(self) -> bool:
         return any(is_quantized(self.neuron_map.by_name[name].module) for name in self.deltas)
 
@@ -87,6 +98,7 @@ class DeltaTraining(NeuronTraining):
         A 4/8-bit base cannot take the deltas in place: save them (``save``) and use ``merge_neuron_delta``,
         which dequantizes first.
         """
+        check_unsharded(self.model, "merge neuron deltas")
         if self.quantized:
             raise ValueError("Cannot merge neuron deltas into 4/8-bit weights in place: handle.save(dir), then "
                              "neft_trl.merge_neuron_delta(base_model, dir) dequantizes the base and merges.")
@@ -102,6 +114,7 @@ class DeltaTraining(NeuronTraining):
         The base weights are written in place (selected slices only) for the block and restored bit-exactly
         after it, so this costs a copy of the selected neurons, not of the model.
         """
+        check_unsharded(self.model, "merge neuron deltas")
         if self.quantized:
             raise ValueError("A 4/8-bit base has no full-precision weights to merge into: use merge_neuron_delta.")
         modules = {name: self.neuron_map.by_name[name].module for name in self.deltas}
@@ -119,11 +132,14 @@ class DeltaTraining(NeuronTraining):
         with self.merged() as state_dict:
             self.model.save_pretrained(output_dir, state_dict=state_dict)
 
-    def save_trained(self, output_dir: str | os.PathLike) -> None:
-        """``neft_delta.safetensors`` + ``neft_delta_config.json``."""
+    def save_trained(self, output_dir: str | os.PathLike, write: bool = True) -> None:
+        """``neft_delta.safetensors`` + ``neft_delta_config.json``; sharded deltas are gathered on every rank first."""
+        gathered = {name: delta.full_copy() for name, delta in self.deltas.items()}  # a collective under FSDP2
+        if not write:
+            return
         config = getattr(self.model, "config", None)
         layouts = {is_transposed(self.neuron_map.by_name[name].module) for name in self.deltas}
-        save_neuron_delta(self.deltas, output_dir, {
+        save_neuron_delta(gathered, output_dir, {
             "base_model_name_or_path": getattr(config, "_name_or_path", None),
             "base_model_revision": getattr(config, "_commit_hash", None),
             "model_type": self.neuron_map.model_type,
@@ -140,7 +156,10 @@ class DeltaTraining(NeuronTraining):
 
     @torch.no_grad()
     def load(self, path: str | os.PathLike) -> None:
-        """Copy saved delta values (a checkpoint of this run) into the attached deltas, e.g. to resume."""
+        """Copy saved delta values (a checkpoint of this run) into the attached deltas, e.g. to resume.
+
+        Sharded deltas (after ``fully_shard``) each keep their own shard; every rank must then load the same file.
+        """
         saved, _ = read_neuron_delta(path)
         check_delta_fits(self.model, saved)
         if saved.keys() != self.deltas.keys():
@@ -151,6 +170,6 @@ class DeltaTraining(NeuronTraining):
         for name, delta in self.deltas.items():
             if not torch.equal(saved[name].index, delta.index.cpu()):
                 raise ValueError(f"The saved delta of {name} holds other neurons than this run's mask selects.")
-            delta.weight.copy_(saved[name].weight)
+            copy_full_(delta.weight, saved[name].weight)
             if delta.bias is not None:
-                delta.bias.copy_(saved[name].bias)
+                copy_full_(delta.bias, saved[name].bias)

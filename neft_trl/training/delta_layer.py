@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..layers import features, is_transposed
+from ..sharding import full
 
 DELTA_ATTRIBUTE = "neft_delta"
 
@@ -74,6 +75,18 @@ class NeuronDelta(nn.Module):
             return out.index_add(-1, self.index, extra.to(out.dtype))
         picked = x.index_select(-1, self.index).to(self.weight.dtype)
         return out + nn.functional.linear(picked, self.weight).to(out.dtype)
+
+    @torch.no_grad()
+    def full_copy(self) -> NeuronDelta:
+        """A frozen CPU copy of the whole delta. Under ``fully_shard`` the parameters are DTensors holding one
+        rank's shard: this gathers them, so every rank must call it, in the same order (see ``sharding.py``)."""
+        weight = full(self.weight).detach().cpu()
+        copy = NeuronDelta(self.index.cpu(), self.is_input, self.in_features, self.out_features,
+                           with_bias=self.bias is not None, dtype=weight.dtype)
+        copy.weight.data.copy_(weight)
+        if self.bias is not None:
+            copy.bias.data.copy_(full(self.bias).detach().cpu())
+        return copy.requires_grad_(False)
 
     @torch.no_grad()
     def dense(self) -> torch.Tensor:

@@ -4,7 +4,9 @@ Only projections that hold selected neurons get ``requires_grad``; every other p
 trainable weight (and an in-neuron's bias) gets a tensor hook that sets its frozen neurons' gradient to
 exactly zero (``torch.where``, not a product: ``inf * 0`` is NaN, and a NaN there would reach the frozen
 weights through clipping and the optimizer), so gradient clipping, accumulation and DDP all see masked
-gradients, and Adam-style optimizers never move a neuron whose gradient was always zero.
+gradients, and Adam-style optimizers never move a neuron whose gradient was always zero. FSDP replaces the
+parameters (and drops their hooks), so this mode refuses a sharded model, before attaching and again when an
+optimizer is built (``sharding.py``).
 
 Weight decay is the one thing an optimizer applies without a gradient: AdamW's ``p *= 1 - lr * wd`` would
 shrink frozen rows. So these weights are kept out of the optimizer's decay group, and an optimizer step
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..experts import fused_gradient_targets, is_expert_view
+from ..sharding import check_unsharded
 from .base import NeuronTraining
 
 
@@ -28,6 +31,7 @@ class GradientMaskTraining(NeuronTraining):
     mode = "hooks"
 
     def attach(self) -> None:
+        check_unsharded(self.model, "train hooks mode")
         self.freeze_model()
         names = {id(p): n for n, p in self.model.named_parameters()}
         self._handles = []
@@ -49,6 +53,11 @@ class GradientMaskTraining(NeuronTraining):
             param.requires_grad_(True)
             self._handles.append(param.register_hook(_zero_frozen(keep.bool())))
             self._masked.append((names[id(param)], param, keep))
+
+    def named_trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """As the base's, but a model sharded after ``attach`` is refused: its new parameters carry no mask hooks."""
+        check_unsharded(self.model, "train hooks mode")
+        return super().named_trainable_parameters()
 
     def detach(self) -> None:
         for handle in getattr(self, "_handles", []):
