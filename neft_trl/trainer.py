@@ -192,8 +192,6 @@ class NeFTSFTTrainer(SFTTrainer):
         self.neuron_training = apply_neurons(self.model, mask, self.neft_mode, neuron_map=self.neuron_map)
         if activation_checkpointing_on(self.args) and hasattr(self.model, "enable_input_require_grads"):
             self.model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
-        if activation_checkpointing_on(self.args) and hasattr(self.model, "enable_input_require_grads"):
-            self.model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
 
     # -- Trainer overrides ----------------------------------------------------------------------------
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
