@@ -28,7 +28,7 @@ def model_with_8bit_sized_weights():
 
 def trainer_for(tmp_path, optim, **overrides):
     args = tiny_args(tmp_path, **{"optim": optim, "weight_decay": 0.1, "max_steps": 2, "neuron_ratio": 0.2,
-                                  **overrides})
+                                  "neft_mode": "hooks", **overrides})
     return NeFTSFTTrainer(model_with_8bit_sized_weights(), make_dataset(16), selector="random", args=args,
                           processing_class=make_tokenizer())
 
@@ -79,7 +79,7 @@ def test_the_refused_8bit_optimizers_really_move_zero_gradient_rows(optim):
 
 
 def test_optimizer_classes_passed_directly(tmp_path):
-    args = tiny_args(tmp_path, weight_decay=0.1, max_steps=2, neuron_ratio=0.2)
+    args = tiny_args(tmp_path, weight_decay=0.1, max_steps=2, neuron_ratio=0.2, neft_mode="hooks")
     dataset, tokenizer = make_dataset(16), make_tokenizer()
     verified = NeFTSFTTrainer(model_with_8bit_sized_weights(), dataset, selector="random", args=args,
                               processing_class=tokenizer, optimizer_cls_and_kwargs=(torch.optim.SGD, {}))
