@@ -88,7 +88,8 @@ def test_trainer_report_and_stats_reach_the_loggers(tmp_path, monkeypatch):
     mask = trainer.neuron_mask
     s = report.masks[0]
     assert s.num_selected == mask.num_selected == round(0.25 * mask.num_total)
-    assert s.total_parameters == sum(p.numel() for p in trainer.model.parameters())
+    # the model's own parameters: the share is of the model, not of the model plus its neuron deltas
+    assert s.total_parameters == sum(p.numel() for n, p in trainer.model.named_parameters() if ".neft_delta." not in n)
     assert s.layer_totals() == mask.per_layer_counts()
 
     neft_logs = [log for log in recorder.logs if "neft/selected_neurons" in log]

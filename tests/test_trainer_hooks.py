@@ -185,7 +185,8 @@ def test_an_inf_in_a_frozen_rows_gradient_never_reaches_the_weights(tmp_path, ma
     model = make_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     up = model.model.layers[0].mlp.up_proj.weight
-    args = tiny_args(tmp_path, max_steps=2, neuron_ratio=0.3, weight_decay=0.1, max_grad_norm=max_grad_norm)
+    args = tiny_args(tmp_path, max_steps=2, neuron_ratio=0.3, weight_decay=0.1, max_grad_norm=max_grad_norm,
+                     neft_mode="hooks")
     trainer = NeFTSFTTrainer(model, make_dataset(), selector="random", args=args, processing_class=make_tokenizer())
     injected = []
 
