@@ -3,8 +3,10 @@
 The paper's budget is a share of *all* model parameters (NeFT 6% on Llama-2-7B = 100k neurons), so
 ``param_ratio`` is the default; ``neuron_ratio`` (share of candidate neurons) and ``num_neurons`` (a count)
 are the alternatives. Exactly one applies. Ranking pools all layers (``scope="global"``, the paper), keeps
-the same share in every layer (``scope="per_layer"``), or in every routed expert of a mixture-of-experts model
-(``scope="per_expert"``: each (layer, expert) is a pool, and a layer's dense or shared-expert MLP is one too).
+the same share in every layer (``scope="per_layer"``), in every projection role over all layers
+(``scope="per_role"``: up rows and down columns, or q/k/v/o, each get the same share instead of competing
+for one pool), or in every routed expert of a mixture-of-experts model (``scope="per_expert"``: each (layer,
+expert) is a pool, and a layer's dense or shared-expert MLP is one too).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from .mask import NeuronMask
 from .neurons import NeuronGroup, NeuronMap
 
 DEFAULT_PARAM_RATIO = 0.06
-SCOPES = ("global", "per_layer", "per_expert")
+SCOPES = ("global", "per_layer", "per_role", "per_expert")
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,8 @@ class Budget:
             raise UsageError(
                 f"param_ratio={self.param_ratio} asks for {wanted:,.0f} parameters, but the candidate neurons hold "
                 f"only {available:,} ({available / total_parameters:.1%} of the model). Use param_ratio <= "
-                f"{available / total_parameters:.4f}, or add gate_proj neurons (include_gate=True)."
+                f"{available / total_parameters:.4f}, or add gate_proj neurons (include_gate=True) or attention "
+                "neurons (neuron_targets='mlp,attention')."
             )
         return "params", wanted
 
@@ -116,7 +119,7 @@ def select_top(
     if scope == "per_expert" and not neuron_map.num_experts:
         raise ValueError("neuron_scope='per_expert' needs a mixture-of-experts model; this one has no routed experts: "
                          "use 'global' or 'per_layer'.")
-    pools = [neuron_map.groups] if scope == "global" else _pools(neuron_map.groups, by_expert=scope == "per_expert")
+    pools = [neuron_map.groups] if scope == "global" else _pools(neuron_map.groups, scope)
     share = amount / (neuron_map.num_candidates if kind == "neurons" else neuron_map.candidate_parameters)
     chosen = {}
     for pool in pools:
@@ -139,9 +142,14 @@ def select_top(
     return NeuronMask.from_groups(neuron_map, chosen, meta)
 
 
-def _pools(groups: list[NeuronGroup], by_expert: bool) -> list[list[NeuronGroup]]:
-    """Groups pooled per layer, or per (layer, expert) where a layer's non-expert MLP is a pool of its own."""
-    pools: dict[tuple[int, int | None], list[NeuronGroup]] = {}
+def _pools(groups: list[NeuronGroup], scope: str) -> list[list[NeuronGroup]]:
+    """Groups pooled per layer, per role (a tied ``mlp`` unit's roles together, e.g. ``up+down``), or per
+    (layer, expert) where a layer's non-expert MLP is a pool of its own."""
+    pools: dict[object, list[NeuronGroup]] = {}
     for g in groups:
-        pools.setdefault((g.layer, g.expert if by_expert else None), []).append(g)
+        if scope == "per_role":
+            key: object = "+".join(p.role for p in g.projections)
+        else:
+            key = (g.layer, g.expert if scope == "per_expert" else None)
+        pools.setdefault(key, []).append(g)
     return list(pools.values())

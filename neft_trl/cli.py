@@ -178,7 +178,7 @@ def _estimate(args: argparse.Namespace) -> None:
         budget = Budget.resolve(args.param_ratio, args.neuron_ratio, args.num_neurons)
         with torch.device("meta"):  # shapes only: no weight is allocated or read
             model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, args.dtype))
-        neuron_map = build_neuron_map(model, include_gate=args.include_gate)
+        neuron_map = build_neuron_map(model, include_gate=args.include_gate, targets=args.neuron_targets)
         mode = "delta" if args.neft_mode == "auto" else args.neft_mode
         neft = estimate_neft(model, neuron_map, budget, args.selector, mode, args.probe)
     except (*LOADING_ERRORS, ValueError) as err:  # a bad folder or model: the files are the input here
@@ -283,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--probe", choices=("sketch", "full"), default="sketch", help="The cosine probe.")
     estimate.add_argument("--neft_mode", choices=("auto", "hooks", "delta"), default="auto")
     estimate.add_argument("--include_gate", action="store_true", help="gate_proj rows are candidates too.")
+    estimate.add_argument("--neuron_targets", default="mlp",
+                          help="Candidates: 'mlp' (default) or 'mlp,attention' (q/k/v rows and o columns too).")
     estimate.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     estimate.add_argument("--tokens", type=int, default=2048, help="Tokens per batch for the activation figure.")
     return parser

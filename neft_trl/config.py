@@ -13,6 +13,7 @@ from typing import Any
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig
 
+from .attention import parse_targets
 from .budget import SCOPES, Budget
 from .errors import UsageError
 from .neurons import UNITS
@@ -52,8 +53,14 @@ class NeFTConfig(SFTConfig):
     neuron_scope: str = field(
         default="global",
         metadata={"help": "'global' (the paper): rank all layers' candidates together. 'per_layer': keep the same "
-                          "share of candidates in every layer. 'per_expert' (MoE models): the same share in every "
-                          "routed expert of every layer."},
+                          "share of candidates in every layer. 'per_role': the same share of every projection role "
+                          "(up, down, q, o, ...), pooled over layers. 'per_expert' (MoE models): the same share in "
+                          "every routed expert of every layer."},
+    )
+    neuron_targets: str = field(
+        default="mlp",
+        metadata={"help": "Where candidates come from, comma-separated: 'mlp' (the paper) and/or 'attention' (rows "
+                          "of q/k/v, columns of o, as in S2FT), e.g. 'mlp,attention'."},
     )
     include_gate: bool = field(
         default=False,
@@ -71,6 +78,11 @@ class NeFTConfig(SFTConfig):
                           "for 4/8-bit models; saves the deltas and, in full precision, a merged checkpoint). "
                           "'auto': delta (measured cheaper in memory and step time at 1B scale)."},
     )
+    attention_modules: dict[str, str] | str | None = field(
+        default=None,
+        metadata={"help": "Child names of the attention projections for layouts neft_trl does not know, as a dict or "
+                          'JSON string: {"q": "wq", "k": "wk", "v": "wv", "o": "wo"} (or a fused "qkv" and "o").'},
+    )
     neuron_mask_path: str | None = field(
         default=None,
         metadata={"help": "Train with a saved neuron_mask.safetensors (or a folder holding one) instead of "
@@ -82,7 +94,7 @@ class NeFTConfig(SFTConfig):
             # TRL defaults to bf16, which fails on machines without a bf16 accelerator; NeFT's default works anywhere.
             self.bf16 = is_torch_bf16_gpu_available()
         super().__post_init__()
-        for name in ("selector_kwargs", "neuron_modules"):
+        for name in ("selector_kwargs", "neuron_modules", "attention_modules"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -93,7 +105,13 @@ class NeFTConfig(SFTConfig):
         _check_choice("neuron_unit", self.neuron_unit, UNITS)
         _check_choice("neuron_scope", self.neuron_scope, SCOPES)
         _check_choice("neft_mode", self.neft_mode, MODES)
+        self.neuron_targets = ",".join(parse_targets(self.neuron_targets))
         _ = self.budget  # validates the budget now, not at train time
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """``neuron_targets`` as a tuple, e.g. ``("mlp", "attention")``."""
+        return parse_targets(self.neuron_targets)
 
     @property
     def budget(self) -> Budget:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .attention import ROLES as ATTENTION_ROLES
 from .budget import Budget
 from .distributed import check_same_mask
 from .layers import parameter_count
@@ -44,6 +45,8 @@ def select_neurons(
     neuron_scope: str = "global",
     include_gate: bool = False,
     neuron_modules: Mapping[str, str] | None = None,
+    neuron_targets: str | tuple[str, ...] = "mlp",
+    attention_modules: Mapping[str, str] | None = None,
     compute_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
     show_progress: bool = True,
     **selector_kwargs: Any,
@@ -58,12 +61,13 @@ def select_neurons(
         param_ratio / neuron_ratio / num_neurons: the budget, as in ``NeFTConfig`` (default: 6% of all
             parameters, the paper's); set at most one.
         seed: seeds the selector's random draws; no RNG of the caller changes.
-        neuron_unit, neuron_scope, include_gate, neuron_modules: as in ``NeFTConfig``.
+        neuron_unit, neuron_scope, include_gate, neuron_modules, neuron_targets, attention_modules: as in
+            ``NeFTConfig``.
         compute_loss: ``compute_loss(model, batch) -> loss``; default: the model's own ``outputs.loss``.
         **selector_kwargs: the selector's own options (e.g. ``probe_steps=20`` for cosine).
     """
     budget = Budget.resolve(param_ratio, neuron_ratio, num_neurons)
-    neuron_map = build_neuron_map(model, neuron_unit, include_gate, neuron_modules)
+    neuron_map = build_neuron_map(model, neuron_unit, include_gate, neuron_modules, neuron_targets, attention_modules)
     context = SelectionContext(
         model=model, neuron_map=neuron_map, budget=budget, seed=seed,
         batches=batches if batches is None or callable(batches) else list(batches),
@@ -95,12 +99,17 @@ def apply_neurons(
 
 
 def neuron_map_for_mask(model: nn.Module, mask: NeuronMask) -> NeuronMap:
-    """The neuron map of ``model`` in the layout ``mask`` was made in (unit, gate rows, MLP child names)."""
+    """The neuron map of ``model`` in the layout ``mask`` was made in (unit, gate rows, MLP and attention child
+    names, targets)."""
     children: dict[str, str] = {}
     for name, info in mask.info.items():
         children.setdefault(str(info["role"]), name.rsplit(".", 1)[-1])
+    mlp = {role: child for role, child in children.items() if role in ("up", "gate", "down")}
+    attention = {role: child for role, child in children.items() if role in ATTENTION_ROLES}
+    targets = tuple(t for t, found in (("mlp", mlp), ("attention", attention)) if found)
     neuron_map = build_neuron_map(
-        model, mask.metadata.get("neuron_unit", "vector"), include_gate="gate" in children, neuron_modules=children
+        model, mask.metadata.get("neuron_unit", "vector"), include_gate="gate" in mlp, neuron_modules=mlp or None,
+        targets=targets or None, attention_modules=attention or None,
     )
     mask.check_fits(neuron_map)
     return neuron_map

@@ -169,7 +169,7 @@ class NeuronMask:
             f"intermediate size {inter}, "
             f"{len(mine)} projections) does not fit {what} ({len(wanted)} projections). Differences (neurons per "
             f"projection): {'; '.join(diffs[:6])}{' ...' if len(diffs) > 6 else ''}. Select a new mask for "
-            "this model, or build the model with the same neuron_unit/include_gate settings."
+            "this model, or build the model with the same neuron_unit/include_gate/neuron_targets settings."
         )
 
     # -- I/O ------------------------------------------------------------------------------------------

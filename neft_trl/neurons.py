@@ -1,12 +1,16 @@
-"""The neuron map: which MLP projections hold neurons, and how a neuron sits in each weight.
+"""The neuron map: which MLP (and, as an option, attention) projections hold neurons, and how a neuron sits in each.
 
 A neuron (the paper's definition) is one weight vector of an MLP projection: row ``n`` of an input
 projection (``up_proj``, optionally ``gate_proj``: an "in" neuron) or column ``n`` of the output
 projection (``down_proj``: an "out" neuron). The map finds those projections in every decoder layer,
 for any architecture in ``ARCHITECTURES`` or any MLP described by ``neuron_modules``.
 
+Attention projections are candidates too with ``targets=("mlp", "attention")`` (``attention.py``): rows of
+q/k/v (or a fused qkv) and columns of o, roles ``"q"``, ``"k"``, ``"v"``, ``"qkv"``, ``"o"``.
+
 ``NeuronGroup`` is the unit that is scored and ranked: one projection's neurons (``unit="vector"``, the
-paper) or all projections of one MLP tied by index (``unit="mlp"``).
+paper) or all projections of one MLP tied by index (``unit="mlp"``; in an attention module, the projections
+of equal width are tied: q with o, and k with v under grouped-query attention).
 
 Mixture-of-experts layers: each routed expert is an MLP of its own, so a candidate is (layer, expert, role,
 index). Fused 3-D experts (transformers 5) are reached through expert views (``experts.py``); per-expert
@@ -24,6 +28,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import (
+    DEFAULT_TARGETS,
+    INPUT_ROLES,
+    attention_layouts,
+    match_attention,
+    no_attention_error,
+    ordered_roles,
+    parse_targets,
+)
 from .errors import UsageError
 from .experts import check_experts_quantized, expert_views, install_expert_views
 from .layers import features, is_supported_layer, is_transposed
@@ -59,8 +72,12 @@ class Projection:
 
     @property
     def mlp_name(self) -> str:
-        """The MLP (or expert) this projection belongs to: its parent module's name."""
+        """The MLP (or expert, or attention module) this projection belongs to: its parent module's name."""
         return self.name.rsplit(".", 1)[0]
+
+    @property
+    def is_attention(self) -> bool:
+        return self.role in (*INPUT_ROLES, "o")
 
     @property
     def num_neurons(self) -> int:
@@ -117,11 +134,7 @@ class NeuronMap:
         if unit == "vector":
             self.groups = [NeuronGroup(p.name, p.layer, (p,), p.expert) for p in projections]
         else:
-            mlps: dict[str, list[Projection]] = {}
-            for p in projections:
-                mlps.setdefault(p.mlp_name, []).append(p)
-            self.groups = [NeuronGroup(key, projs[0].layer, tuple(projs), projs[0].expert)
-                           for key, projs in mlps.items()]
+            self.groups = _tied_groups(projections)
 
     @property
     def num_layers(self) -> int:
@@ -138,7 +151,15 @@ class NeuronMap:
 
     @property
     def intermediate_size(self) -> int:
-        return max(p.num_neurons for p in self.projections)
+        """The widest MLP projection's neuron count (the MLP's intermediate size); attention is not counted."""
+        return max((p.num_neurons for p in self.projections if not p.is_attention),
+                   default=max(p.num_neurons for p in self.projections))
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """Where the candidates come from: ``("mlp",)``, ``("attention",)`` or both."""
+        kinds = {"attention" if p.is_attention else "mlp" for p in self.projections}
+        return tuple(t for t in ("mlp", "attention") if t in kinds)
 
     @property
     def num_candidates(self) -> int:
@@ -160,19 +181,27 @@ def build_neuron_map(
     unit: str = "vector",
     include_gate: bool = False,
     neuron_modules: Mapping[str, str] | None = None,
+    targets: str | tuple[str, ...] | list[str] | None = DEFAULT_TARGETS,
+    attention_modules: Mapping[str, str] | None = None,
 ) -> NeuronMap:
-    """Find every decoder layer's MLP projections, including every routed expert of MoE layers.
+    """Find every decoder layer's MLP projections (every routed expert of MoE layers) and, if asked, attention's.
 
     An MLP is a module with children named as one of ``ARCHITECTURES`` (or as ``neuron_modules``, e.g.
     ``{"up": "w1", "gate": "w3", "down": "w2"}``). Fused 3-D experts get expert views installed (see
-    ``experts.py``; the model computes through them from then on). ``lm_head`` and embeddings are never part
-    of the map; 3-D expert weights the map cannot cover are an error, never silently left out.
+    ``experts.py``; the model computes through them from then on). ``targets`` (``"mlp"``, ``"attention"``
+    or both) says which modules hold candidates; attention modules are found by ``attention.py``'s layouts
+    (or ``attention_modules``). ``lm_head`` and embeddings are never part of the map; 3-D expert weights the
+    map cannot cover are an error, never silently left out, and so is an asked-for target that is not found.
     """
+    targets = parse_targets(targets)
     layouts = [dict(neuron_modules)] if neuron_modules else list(ARCHITECTURES.values())
     for layout in layouts:
         if not {"up", "down"} <= layout.keys() or not layout.keys() <= {"up", "gate", "down"}:
             raise UsageError(f"neuron_modules={layout!r} must map 'up', 'down' and optionally 'gate' to child names.")
-    fused = dict(install_expert_views(model))
+    if "mlp" not in targets:
+        layouts = []
+    attention = attention_layouts(attention_modules) if "attention" in targets else []
+    fused = dict(install_expert_views(model)) if "mlp" in targets else {}
     check_experts_quantized(model, fused)
     layers: dict[str, int] = {}
     projections: list[Projection] = []
@@ -184,6 +213,12 @@ def build_neuron_map(
             continue
         layout = next((lay for lay in layouts if _matches(mlp, lay)), None)
         if layout is None:
+            attention_layout = match_attention(mlp, attention)
+            if attention_layout is not None:
+                layer = layers.setdefault(_layer_key(mlp_name), len(layers))
+                children = {role: attention_layout[role] for role in ordered_roles(attention_layout)}
+                projections.extend(Projection(f"{mlp_name}.{child}", getattr(mlp, child), role, layer, role != "o")
+                                   for role, child in children.items())
             continue
         layer = layers.setdefault(_layer_key(mlp_name), len(layers))
         expert = re.search(r"(?:^|\.)experts\.(\d+)$", mlp_name)
@@ -200,16 +235,35 @@ def build_neuron_map(
             raise ValueError(f"MLP {mlp_name!r} has projections of inconsistent intermediate sizes: {shapes}.")
         projections.extend(found)
     _check_experts_covered(model, fused)
-    if not projections:
-        model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    if "mlp" in targets and not any(not p.is_attention for p in projections):
         known = "; ".join(f"{arch}: {lay}" for arch, lay in ARCHITECTURES.items())
         raise UsageError(
             f"Could not find MLP projections in model type {model_type!r}. Known layouts: {known}. "
             "Set `neuron_modules` (NeFTConfig / build_neuron_map) to the child names of your MLP, "
             'e.g. neuron_modules={"up": "w1", "gate": "w3", "down": "w2"}.'
         )
-    model_type = getattr(getattr(model, "config", None), "model_type", "unknown")
-    return NeuronMap(projections, unit=unit, model_type=model_type)
+    if "attention" in targets and not any(p.is_attention for p in projections):
+        raise no_attention_error(model_type)
+    return NeuronMap(projections, unit, getattr(getattr(model, "config", None), "model_type", "unknown"))
+
+
+def _tied_groups(projections: list[Projection]) -> list[NeuronGroup]:
+    """``unit="mlp"``: the projections of one module tied by index, where their neuron counts agree.
+
+    An MLP's projections all have the intermediate size (checked when the map is built), so an MLP is one
+    group keyed by its name. An attention module's widths differ (GQA: k/v narrower than q/o; GPT-2: the fused
+    qkv is three times o), so its projections are tied per width and keyed ``<module>.<role>+<role>``.
+    """
+    by_module: dict[str, dict[int, list[Projection]]] = {}
+    for p in projections:
+        by_module.setdefault(p.mlp_name, {}).setdefault(p.num_neurons, []).append(p)
+    groups = []
+    for name, by_size in by_module.items():
+        for projs in by_size.values():
+            key = name if len(by_size) == 1 else f"{name}.{'+'.join(p.role for p in projs)}"
+            groups.append(NeuronGroup(key, projs[0].layer, tuple(projs), projs[0].expert))
+    return groups
 
 
 def _layer_key(name: str) -> str:

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from .mask import NeuronMask
 
 #: Display order of projection roles; a role outside this list (a custom layout) is shown after them.
-ROLE_ORDER = ("up", "gate", "down")
+ROLE_ORDER = ("up", "gate", "down", "q", "k", "v", "qkv", "o")
 
 
 @dataclass

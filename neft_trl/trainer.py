@@ -97,7 +97,7 @@ class NeFTSFTTrainer(SFTTrainer):
         finally:
             args.model_init_kwargs = model_init_kwargs
         self.neuron_map: NeuronMap = build_neuron_map(
-            self.model, args.neuron_unit, args.include_gate, args.neuron_modules
+            self.model, args.neuron_unit, args.include_gate, args.neuron_modules, args.targets, args.attention_modules
         )
         self.neft_mode = resolve_mode(args.neft_mode, self.neuron_map)
         check_hooks_optimizer(self.neft_mode, args.optim, self.optimizer_cls_and_kwargs)

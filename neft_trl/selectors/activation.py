@@ -92,10 +92,11 @@ class ActivationSelector(NeuronSelector):
 
     @staticmethod
     def _measured(projections: tuple[Projection, ...]) -> Projection:
-        """A vector group is measured on its own projection; an ``mlp`` unit on its down projection's input."""
+        """A vector group is measured on its own projection; an ``mlp`` unit on its down projection's input (on
+        its first projection where a tied attention unit has no output projection, e.g. k with v)."""
         if len(projections) == 1:
             return projections[0]
-        return next(p for p in projections if not p.is_input)
+        return next((p for p in projections if not p.is_input), projections[0])
 
 
 @hookimpl
