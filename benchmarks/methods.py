@@ -6,7 +6,9 @@ A method name says everything that differs between runs, so the driver can pass 
 * ``full``: plain ``trl.SFTTrainer``, every parameter trains;
 * ``lora`` / ``qlora``: PEFT LoRA on all linear layers (QLoRA: on the 4-bit nf4 model);
 * ``neft-hooks-<selector>`` / ``neft-delta-<selector>``: ``NeFTSFTTrainer`` in that mode with that selector;
-* ``qneft-delta-<selector>``: NeFT deltas on the 4-bit nf4 model.
+* ``qneft-delta-<selector>``: NeFT deltas on the 4-bit nf4 model;
+* ``...-<selector>+<variant>+...``: an ablation of that NeFT method (``variants.py``), e.g.
+  ``neft-delta-cosine+probe20`` or ``qneft-delta-random+attn``.
 
 Equal trainable parameters: the NeFT budget fixes how many parameters NeFT trains; the LoRA rank is then the
 one whose adapter size is closest (``lora_rank_for``), computed from the model's own linear layers the way
@@ -25,6 +27,8 @@ from neft_trl.estimate import neft_trainable_parameters as _neft_trainable
 from neft_trl.layers import parameter_count
 from neft_trl.neurons import build_neuron_map
 
+from .variants import check_variant
+
 FAMILIES = ("base", "full", "lora", "neft")
 MODES = ("hooks", "delta")
 
@@ -38,6 +42,7 @@ class Method:
     quantized: bool = False
     mode: str | None = None
     selector: str | None = None
+    variants: tuple[str, ...] = ()
 
     @property
     def reference(self) -> str:
@@ -52,7 +57,7 @@ class Method:
         hooks row reuses its selector's delta sweep instead of repeating it: only their speed differs.
         """
         if self.family == "neft" and self.mode == "hooks":
-            return f"{'q' if self.quantized else ''}neft-delta-{self.selector}"
+            return f"{'q' if self.quantized else ''}neft-delta-{'+'.join((self.selector or '', *self.variants))}"
         return self.name
 
 
@@ -68,10 +73,14 @@ def parse_method(name: str) -> Method:
         quantized = parts[0] == "qneft"
         if quantized and parts[1] == "hooks":
             raise ValueError(f"{name!r}: a 4-bit model trains through deltas only; use 'qneft-delta-{parts[2]}'.")
-        return Method(name, "neft", quantized=quantized, mode=parts[1], selector=parts[2])
+        selector, *variants = parts[2].split("+")
+        for variant in variants:
+            check_variant(variant, selector)
+        return Method(name, "neft", quantized=quantized, mode=parts[1], selector=selector, variants=tuple(variants))
     raise ValueError(
         f"Unknown benchmark method {name!r}. Use one of: {', '.join(simple)}, neft-hooks-<selector>, "
-        "neft-delta-<selector>, qneft-delta-<selector> (selector: cosine, gradient, activation, random, ...)."
+        "neft-delta-<selector>, qneft-delta-<selector> (selector: cosine, gradient, activation, random, ...), "
+        "each optionally with +<variant> ablations (benchmarks/variants.py)."
     )
 
 
@@ -80,6 +89,22 @@ def default_methods(selectors: list[str], quantized_selector: str = "cosine") ->
     names = ["full", "lora"]
     names += [f"neft-{mode}-{s}" for s in selectors for mode in MODES]
     return names + [f"qneft-delta-{quantized_selector}", "qlora"]
+
+
+def ablation_methods(installed_selectors: list[str]) -> list[str]:
+    """The ablation study at equal trainable parameters: full FT and LoRA, then one NeFT change per row.
+
+    Cosine probe length (1%, 5%, 20% of the run, and the default), full vs sketch probe, gradient taylor vs
+    norm, activation, random, the ``magnitude`` plugin where installed, ``neuron_unit`` mlp, per-role shares,
+    and attention neurons (with cosine and random selection).
+    """
+    names = ["full", "lora", "neft-delta-cosine", "neft-delta-cosine+probe1", "neft-delta-cosine+probe5",
+             "neft-delta-cosine+probe20", "neft-delta-cosine+fullprobe", "neft-delta-gradient",
+             "neft-delta-gradient+norm", "neft-delta-activation", "neft-delta-random"]
+    if "magnitude" in installed_selectors:
+        names.append("neft-delta-magnitude")
+    return names + ["neft-delta-cosine+mlpunit", "neft-delta-cosine+perrole", "neft-delta-cosine+attn",
+                    "neft-delta-random+attn"]
 
 
 def neft_trainable_parameters(

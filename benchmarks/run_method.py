@@ -7,6 +7,11 @@ One method per process, so that peak RSS (``resource.getrusage``) belongs to tha
 same model (SmolLM2-135M-Instruct by default, fp32 or 4-bit nf4), the same data (Django En->X pairs with a
 fixed held-out test split and a small dev split for choosing the learning rate), the same optimizer
 (AdamW, linear decay, no warmup, weight decay 0, no dropout, no gradient checkpointing) and the same steps.
+
+Two regimes: the short one (``--max_steps``, test loss every ``--eval_steps``, the final model is reported)
+and the long one (``--epochs``: that many passes over the training pairs, test and dev loss every half epoch,
+the model of the best dev evaluation is reported, see ``checkpoint.py``). Both measure forgetting: the loss
+on general English prose (``forgetting.py``) before and after training.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +37,8 @@ from neft_trl.demo.measure import StepTimer, peak_rss_mb
 from neft_trl.demo.models import load_model_and_tokenizer
 
 from .methods import Method, lora_rank_for, neft_trainable_parameters, parse_method
+from .regime import Regime, schedule
+from .variants import merge_selector_kwargs, overrides
 
 logger = logging.getLogger("benchmarks")
 SPLIT_SEED = 0  # the data split never changes with the training seed: every run sees the same test pairs
@@ -57,7 +64,14 @@ class RunArguments:
     dev_size: int = field(default=60, metadata={"help": "Dev pairs from the train side, for the learning-rate sweep."})
     chat: bool | None = field(default=None, metadata={"help": "Chat prompts (default: if the tokenizer has a "
                                                                "chat template)."})
-    max_steps: int = field(default=40, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=40, metadata={"help": "Optimizer steps (the short regime)."})
+    epochs: float = field(default=0.0, metadata={"help": "The long regime: train this many epochs over the training "
+                                                          "pairs (overrides --max_steps and --eval_steps: test and dev "
+                                                          "loss every half epoch; the best dev checkpoint is "
+                                                          "reported). 0: the short regime."})
+    max_train_pairs: int = field(default=0, metadata={"help": "Use only the first this many training pairs (0: all; "
+                                                               "the quick mode's small long regime)."})
+    prose_size: int = field(default=64, metadata={"help": "Prose paragraphs of the forgetting probe (0: no probe)."})
     batch_size: int = field(default=8, metadata={"help": "Train batch size."})
     eval_batch_size: int = field(default=32, metadata={"help": "Eval and generation batch size."})
     eval_steps: int = field(default=10, metadata={"help": "Held-out eval loss every this many steps (the curve); "
@@ -77,6 +91,8 @@ def build_datasets(args: RunArguments, chat: bool) -> tuple[Any, Any, Any]:
              else django_pairs(args.lang, max_chars=args.max_chars))
     train, test = split_pairs(pairs, args.test_size, seed=SPLIT_SEED)
     train, dev = split_pairs(train, args.dev_size, seed=SPLIT_SEED)
+    if args.max_train_pairs:
+        train = train[: args.max_train_pairs]
     target = language_name(args.lang)
     return tuple(to_prompt_completion(p, target, conversational=chat) for p in (train, dev, test))
 
@@ -94,7 +110,7 @@ def load_model(args: RunArguments, method: Method):
 
 
 def training_config(args: RunArguments, method: Method, output_dir: str) -> Any:
-    """The same ``SFTConfig`` settings for every method (a ``NeFTConfig`` for NeFT, with its budget)."""
+    """The same ``SFTConfig`` settings for every method (a ``NeFTConfig`` for NeFT, with its budget and variants)."""
     from trl import SFTConfig
 
     from neft_trl import NeFTConfig
@@ -112,20 +128,22 @@ def training_config(args: RunArguments, method: Method, output_dir: str) -> Any:
         return NeFTConfig(**common, selector="random", param_ratio=args.param_ratio)
     if method.family != "neft":
         return SFTConfig(**common)
+    variant = overrides(method.variants, args.max_steps)
+    kwargs = merge_selector_kwargs(json.loads(args.selector_kwargs or "{}"), variant.selector_kwargs, method.name)
     return NeFTConfig(**common, neft_mode=method.mode, selector=method.selector, param_ratio=args.param_ratio,
-                      selector_kwargs=args.selector_kwargs)
+                      selector_kwargs=kwargs, **variant.config)
 
 
 def build_trainer(args: RunArguments, method: Method, model: Any, tokenizer: Any, data: tuple, output_dir: str,
-                  timer: StepTimer) -> tuple[Any, dict[str, Any]]:
+                  timer: StepTimer, regime: Regime) -> tuple[Any, dict[str, Any]]:
     """The method's trainer and the facts that describe its setup (LoRA rank, NeFT budget in parameters)."""
     from trl import SFTTrainer
 
     from neft_trl import NeFTSFTTrainer
 
-    train, _, test = data
     config = training_config(args, method, output_dir)
-    common = dict(args=config, train_dataset=train, eval_dataset=test, processing_class=tokenizer, callbacks=[timer])
+    common = dict(args=config, train_dataset=data[0], eval_dataset=regime.eval_dataset(data),
+                  processing_class=tokenizer, callbacks=[timer, *regime.callbacks])
     budget_params = neft_trainable_parameters(model, Budget.resolve(param_ratio=args.param_ratio))
     facts: dict[str, Any] = {"neft_budget_parameters": budget_params}
     if method.family in ("neft", "base"):
@@ -150,17 +168,6 @@ def trainable_parameters(trainer: Any) -> int:
     return sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
 
-def eval_curve(trainer: Any, before: float) -> list[tuple[int, float]]:
-    """``[(step, held-out eval loss)]`` from the Trainer's log history, starting at step 0."""
-    points = [(0, before)] + [(int(e["step"]), float(e["eval_loss"])) for e in trainer.state.log_history
-                              if "eval_loss" in e]
-    return sorted(dict(points).items())
-
-
-def record_has_final_eval(trainer: Any, step: int) -> bool:
-    return any("eval_loss" in e and e.get("step") == step for e in trainer.state.log_history)
-
-
 def run(args: RunArguments) -> dict[str, Any]:
     """Train (or, for ``base``, only evaluate) one method and return its result record."""
     method = parse_method(args.method)
@@ -171,18 +178,21 @@ def run(args: RunArguments) -> dict[str, Any]:
     model, tokenizer = load_model(args, method)
     chat = args.chat if args.chat is not None else getattr(tokenizer, "chat_template", None) is not None
     data = build_datasets(args, chat)
+    max_steps, eval_steps = schedule(args.max_steps, args.eval_steps, args.epochs, len(data[0]), args.batch_size)
+    args = replace(args, max_steps=max_steps, eval_steps=eval_steps)
+    regime = Regime(long=bool(args.epochs), prose_size=args.prose_size)
     timer = StepTimer()
     record: dict[str, Any] = {"method": method.name, "family": method.family, "quantized": method.quantized,
-                              "mode": method.mode, "selector": method.selector, "learning_rate": args.learning_rate,
-                              "seed": args.seed, "max_steps": args.max_steps, "batch_size": args.batch_size,
+                              "mode": method.mode, "selector": method.selector, "variants": list(method.variants),
+                              "learning_rate": args.learning_rate, "seed": args.seed, "max_steps": args.max_steps,
+                              "batch_size": args.batch_size, "regime": regime.name, "epochs": args.epochs or None,
                               "train_pairs": len(data[0]), "dev_pairs": len(data[1]), "test_pairs": len(data[2]),
-                              "torch_threads": torch.get_num_threads(), "settings": asdict(args)}
+                              "torch_threads": torch.get_num_threads(), "settings": asdict(args), **regime.facts}
     with tempfile.TemporaryDirectory(prefix="neft-bench-") as output_dir:
-        trainer, facts = build_trainer(args, method, model, tokenizer, data, output_dir, timer)
+        trainer, facts = build_trainer(args, method, model, tokenizer, data, output_dir, timer, regime)
         record.update(facts)
         logger.info("%s: eval before (%.0fs)", method.name, time.perf_counter() - started)
-        before = trainer.evaluate()["eval_loss"]
-        record["eval_loss_before"] = before
+        record.update(regime.before(trainer, data))
         if method.family != "base":
             logger.info("%s: training %d steps (%.0fs)", method.name, args.max_steps, time.perf_counter() - started)
             train_start = time.perf_counter()
@@ -196,13 +206,10 @@ def run(args: RunArguments) -> dict[str, Any]:
             record["trainable_parameters"] = trainable_parameters(trainer)
             mask = getattr(trainer, "neuron_mask", None)
             record["selection_seconds"] = float(mask.metadata["selection_seconds"]) if mask is not None else 0.0
-            if not record_has_final_eval(trainer, args.max_steps):
-                trainer.evaluate()  # the curve's last point is the trained model's loss
-            record["eval_curve"] = eval_curve(trainer, before)
-            record["eval_loss_after"] = record["eval_curve"][-1][1]
-            record["dev_loss_after"] = trainer.evaluate(data[1], metric_key_prefix="dev")["dev_loss"]
+            record.update(regime.after(trainer, data, record["eval_loss_before"], record.get("prose_loss_before")))
         else:
-            record.update(peak_rss_mb=peak_rss_mb(), trainable_parameters=0, eval_curve=[(0, before)])
+            record.update(peak_rss_mb=peak_rss_mb(), trainable_parameters=0,
+                          eval_curve=[(0, record["eval_loss_before"])])
         if args.generate:
             logger.info("%s: generating (%.0fs)", method.name, time.perf_counter() - started)
             scores, hypotheses = evaluate_translations(trainer.model, tokenizer, data[2], lang=args.lang,

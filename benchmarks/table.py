@@ -2,7 +2,8 @@
 
 Each method is reported at its best learning rate (lowest mean dev loss, never the test loss), as the mean
 over seeds with the spread (sample std, or 0 for one seed) beside it. Step time and memory are divided by
-LoRA's at the same precision (QLoRA for 4-bit rows). Where the driver ran separate cost runs (alone on the
+LoRA's at the same precision (QLoRA for 4-bit rows). Forgetting is the rise of the loss on general English
+prose (``forgetting.py``) from before to after training. Where the driver ran separate cost runs (alone on the
 machine, see ``compare.py``), step time and memory come from those; quality always comes from the
 quality runs.
 """
@@ -16,6 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .methods import parse_method
+
+#: The NeFT configuration NeFTConfig's defaults give (selector cosine; auto mode is delta), checked against the goal.
+DEFAULT_NEFT = "neft-delta-cosine"
 
 
 @dataclass
@@ -93,15 +97,15 @@ def _ratio(row: MethodRow, reference: MethodRow | None, key: str) -> str:
 
 def markdown_table(rows: dict[str, MethodRow]) -> str:
     """The results table, one line per method, in the order the rows were given."""
-    header = ("| method | trainable params | lr | eval loss before → after | chrF | median step (s) | step × LoRA "
-              "| peak mem (MiB) | mem × LoRA | selection (s) | selection share |")
+    header = ("| method | trainable params | lr | eval loss before → after | chrF | forgetting | median step (s) "
+              "| step × LoRA | peak mem (MiB) | mem × LoRA | selection (s) | selection share |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     any_cost = any(row.cost_runs for row in rows.values())
     for name, row in rows.items():
         method = parse_method(name)
         if method.family == "base":
             lines.append(f"| {name} (untrained) | 0 | – | {row.stat('eval_loss_before').fmt()} | "
-                         f"{row.stat('chrf').fmt(1)} | – | – | – | – | – | – |")
+                         f"{row.stat('chrf').fmt(1)} | – | – | – | – | – | – | – |")
             continue
         reference = rows.get(method.reference)
         mem = row.memory_key
@@ -110,7 +114,7 @@ def markdown_table(rows: dict[str, MethodRow]) -> str:
             extra += " †"  # its step time and memory come from the quality runs (see the note under the table)
         lines.append(
             f"| {name}{extra} | {row.trainable:,} | {row.learning_rate:g} | {row.stat('eval_loss_before').mean:.3f} → "
-            f"{row.stat('eval_loss_after').fmt()} | {row.stat('chrf').fmt(1)} | "
+            f"{row.stat('eval_loss_after').fmt()} | {row.stat('chrf').fmt(1)} | {row.stat('forgetting').fmt()} | "
             f"{row.stat('median_step_seconds', cost=True).fmt(3)} | {_ratio(row, reference, 'median_step_seconds')} | "
             f"{row.stat(mem, cost=True).fmt(0)} | {_ratio(row, reference, mem)} | "
             f"{row.stat('selection_seconds').fmt(1) if method.family == 'neft' else '–'} | "
@@ -119,8 +123,13 @@ def markdown_table(rows: dict[str, MethodRow]) -> str:
     return "\n".join(lines)
 
 
-def target_checks(rows: dict[str, MethodRow]) -> list[str]:
-    """The project's targets, each as "PASS"/"MISS" with the numbers behind it (skipped where a row is missing)."""
+def target_checks(rows: dict[str, MethodRow], long_regime: bool = False) -> list[str]:
+    """The project's targets, each as "PASS"/"MISS" with the numbers behind it (skipped where a row is missing).
+
+    The quality goal is checked for ``DEFAULT_NEFT`` (NeFT as ``NeFTConfig()`` configures it): test loss and
+    forgetting at or below LoRA's and, in the long regime, test loss at or below full fine-tuning's; a miss
+    gives the gap.
+    """
     checks: list[str] = []
 
     def check(label: str, ok: bool, detail: str) -> None:
@@ -153,4 +162,13 @@ def target_checks(rows: dict[str, MethodRow]) -> list[str]:
         if cosine and ref in rows:
             c, r = cosine.stat("eval_loss_after").mean, rows[ref].stat("eval_loss_after").mean
             check(f"{prefix}-cosine eval loss <= {ref}", c <= r, f"{c:.3f} vs {r:.3f}")
+    default = rows.get(DEFAULT_NEFT)
+    refs = [("lora", "eval_loss_after"), ("lora", "forgetting")]
+    refs += [("full", "eval_loss_after")] if long_regime else []
+    for ref, key in refs:
+        mine, theirs = (default.stat(key).mean, rows[ref].stat(key).mean) if default and ref in rows else (None, None)
+        if mine is None or theirs is None or theirs != theirs or mine != mine:  # a row or its numbers missing (NaN)
+            continue
+        check(f"{DEFAULT_NEFT} (the default) {key.removesuffix('_after')} <= {ref}", mine <= theirs,
+              f"{mine:.3f} vs {theirs:.3f}, gap {mine - theirs:+.3f}")
     return checks
