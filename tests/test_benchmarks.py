@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_model, make_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,3 +92,114 @@ def test_quick_compare_on_smollm2(tmp_path):
     assert results["neft-delta-cosine"]["runs"][0]["eval_loss_after"] < results["base"]["runs"][0][
         "eval_loss_before"]
     assert "| qlora (r=" in table
+
+
+def test_variants_parse_into_settings_and_bad_ones_are_refused():
+    from benchmarks.methods import ablation_methods
+    from benchmarks.variants import merge_selector_kwargs, overrides
+
+    m = parse_method("neft-hooks-cosine+probe20+attn+perrole")
+    assert (m.selector, m.variants, m.sweep_key) == ("cosine", ("probe20", "attn", "perrole"),
+                                                     "neft-delta-cosine+probe20+attn+perrole")
+    o = overrides(m.variants, max_steps=60)
+    assert o.selector_kwargs == {"probe_steps": 12}
+    assert o.config == {"neuron_targets": "mlp,attention", "neuron_scope": "per_role"}
+    assert overrides(("probe1",), max_steps=60).selector_kwargs == {"probe_steps": 1}  # at least one step
+    assert overrides(("norm", "mlpunit"), 60) == type(o)({"neuron_unit": "mlp"}, {"importance": "norm"})
+    with pytest.raises(ValueError, match="Variant 'norm' configures the gradient selector, not 'cosine'"):
+        parse_method("neft-delta-cosine+norm")
+    with pytest.raises(ValueError, match="Unknown method variant 'atn'.*attn"):
+        parse_method("neft-delta-random+atn")
+    with pytest.raises(ValueError, match="set \\['neuron_scope'\\] twice"):
+        overrides(("perrole", "perlayer"), 60)
+    with pytest.raises(ValueError, match="--selector_kwargs sets \\['probe_steps'\\]"):
+        merge_selector_kwargs({"probe_steps": 3}, {"probe_steps": 12}, "m")
+    names = ablation_methods(["cosine", "random"])
+    assert "neft-delta-magnitude" not in names and "neft-delta-magnitude" in ablation_methods(["magnitude"])
+    assert all(parse_method(n) for n in names)
+
+
+def test_prose_probe_is_fixed_seeded_prose():
+    from benchmarks.forgetting import prose_dataset, prose_paragraphs
+
+    first, again = prose_paragraphs(16), prose_paragraphs(16)
+    assert first == again and len(set(first)) == 16
+    assert all(200 <= len(p) <= 800 and p[0].isupper() and p.endswith(".") and "::=" not in p for p in first)
+    assert prose_paragraphs(16, seed=1) != first
+    data, facts = prose_dataset(4)
+    assert data["text"] == prose_paragraphs(4)
+    assert facts["prose_source"].startswith("pydoc_data.topics") and len(facts["prose_sha256"]) == 16
+    with pytest.raises(ValueError, match="--prose_size must be between 1 and"):
+        prose_paragraphs(10**6)
+
+
+def test_pareto_front_and_forgetting_at_matched_test_loss():
+    from benchmarks.tradeoff import forgetting_at, pareto_front, sweep_points, tradeoff_markdown
+
+    def rec(method, lr, loss, forget, seed=0):
+        return {"method": method, "family": "x", "learning_rate": lr, "eval_loss_after": loss, "forgetting": forget,
+                "seed": seed}
+
+    records = [rec("lora", 1e-3, 3.0, 0.30), rec("lora", 3e-3, 2.8, 0.50), rec("neft", 1e-3, 3.2, 0.05),
+               rec("neft", 1e-2, 2.9, 0.20), rec("neft", 1e-2, 2.7, 0.10, seed=1), rec("full", 1e-4, 2.6, 0.9)]
+    points = sweep_points(records)
+    neft_hi = next(p for p in points if p.method == "neft" and p.learning_rate == 1e-2)
+    assert (neft_hi.test_loss, neft_hi.forgetting, neft_hi.seeds) == pytest.approx((2.8, 0.15, 2))
+    front = pareto_front(points)
+    assert [(p.method, p.learning_rate) for p in front] == [("full", 1e-4), ("neft", 1e-2), ("neft", 1e-3)]
+    neft = [p for p in points if p.method == "neft"]
+    value, how = forgetting_at(neft, 3.0)  # between (2.8, 0.15) and (3.2, 0.05): halfway
+    assert value == pytest.approx(0.10) and "interpolated" in how
+    assert forgetting_at(neft, 2.5) == (None, "never reaches it (best 2.800)")
+    assert forgetting_at(neft, 3.5)[0] == pytest.approx(0.05)  # every point is better: the nearest
+    text = tradeoff_markdown(points, 3.0, "LoRA's")
+    assert "| neft | 0.01 | 2 | 2.800 | +0.150 | ★ |" in text and "| lora | +0.300 | at its point" in text
+
+
+def test_best_dev_checkpoint_restores_the_best_evaluation():
+    from types import SimpleNamespace
+
+    from benchmarks.checkpoint import BestDevCheckpoint
+
+    model = torch.nn.Linear(2, 2)
+    model.bias.requires_grad_(False)
+    frozen = model.bias.detach().clone()
+    callback = BestDevCheckpoint()
+    for step, loss, value in [(2, 1.0, 1.0), (4, 0.5, 2.0), (6, 0.7, 3.0)]:
+        with torch.no_grad():
+            model.weight.fill_(value)
+        callback.on_evaluate(None, SimpleNamespace(global_step=step), None, metrics={"eval_dev_loss": loss},
+                             model=model)
+    callback.on_evaluate(None, SimpleNamespace(global_step=8), None, metrics={"eval_test_loss": 0.1}, model=model)
+    assert (callback.best_step, callback.best_loss) == (4, 0.5)
+    callback.restore(model)
+    assert torch.equal(model.weight, torch.full((2, 2), 2.0)) and torch.equal(model.bias, frozen)
+    with pytest.raises(RuntimeError, match="No dev evaluation"):
+        BestDevCheckpoint().restore(model)
+
+
+def test_quick_long_regime_with_every_new_option_on_the_tiny_model(tmp_path):
+    """Long regime, second language, forgetting, and the ablation variants (attention neurons in hooks and delta
+    mode, per-role shares, probe share, full probe, gradient norm, mlp unit) through the driver on the tiny Llama."""
+    methods = ("lora,neft-delta-cosine+probe20+attn+perrole,neft-hooks-cosine+probe20+attn+perrole,"
+               "neft-delta-gradient+norm+mlpunit,neft-delta-cosine+fullprobe")
+    table, results = _compare(tmp_path, str(_tiny_model_dir(tmp_path)), methods, "--param_ratio", "0.1",
+                              "--regime", "long", "--lang", "fr")
+    attn = results["neft-delta-cosine+probe20+attn+perrole"]["runs"][0]
+    hooks = results["neft-hooks-cosine+probe20+attn+perrole"]["runs"][0]
+    assert attn["regime"] == "long" and attn["settings"]["lang"] == "fr" and attn["train_pairs"] == 32
+    assert attn["max_steps"] == 12 and [s for s, _ in attn["eval_curve"]] == [0, 2, 4, 6, 8, 10, 12]
+    dev = dict(attn["dev_curve"])
+    assert attn["best_step"] in dev and attn["dev_loss_after"] == min(dev.values())
+    assert attn["eval_loss_after"] == dict(attn["eval_curve"])[attn["best_step"]]
+    assert attn["forgetting"] == pytest.approx(attn["prose_loss_after"] - attn["prose_loss_before"])
+    assert attn["eval_loss_after"] == pytest.approx(hooks["eval_loss_after"], abs=1e-4)  # same weights train
+    assert attn["trainable_parameters"] == hooks["trainable_parameters"] <= attn["neft_budget_parameters"]
+    for name in ("neft-delta-gradient+norm+mlpunit", "neft-delta-cosine+fullprobe"):
+        run = results[name]["runs"][0]
+        assert run["eval_loss_after"] < run["eval_loss_before"] and run["variants"] == name.split("+")[1:]
+    assert "| forgetting |" in table and "Pareto front" in table and "Forgetting at matched test loss" in table
+    # the folder remembers its settings: another regime there is refused, not mixed in
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--quick", "--methods", "lora", "--output_dir",
+                           str(tmp_path / "bench"), "--report_only"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode != 0 and "holds runs made with other settings" in proc.stderr
