@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from .errors import UsageError
+from .freezing import frozen_parameters
 from .layers import is_quantized_model
 
 _PEFT_FLAG = "_hf_peft_config_loaded"
@@ -57,15 +58,8 @@ def frozen_during_trl_init(model: nn.Module) -> Iterator[None]:
     if not is_quantized_model(model):
         yield
         return
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for param in model.parameters():
-        param.requires_grad_(False)
-    try:
+    with frozen_parameters(model):
         yield
-    finally:
-        for name, param in model.named_parameters():
-            if name in flags:
-                param.requires_grad_(flags[name])
 
 
 def load_model_like_trl(
