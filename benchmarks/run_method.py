@@ -181,6 +181,8 @@ def run(args: RunArguments) -> dict[str, Any]:
             record["trainable_parameters"] = trainable_parameters(trainer)
             mask = getattr(trainer, "neuron_mask", None)
             record["selection_seconds"] = float(mask.metadata["selection_seconds"]) if mask is not None else 0.0
+            if mask is not None:  # beside the JSON, so runs' selections can be compared (neft-trl report)
+                record["mask"] = str(mask.save(Path(args.output).with_suffix(".mask.safetensors")))
             if not record_has_final_eval(trainer, args.max_steps):
                 trainer.evaluate()  # the curve's last point is the trained model's loss
             record["eval_curve"] = eval_curve(trainer, before)

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     config = NeFTConfig(
         output_dir=str(out), selector=args.selector, selector_kwargs=args.selector_kwargs,
-        param_ratio=args.param_ratio, neft_mode="hooks", max_steps=args.max_steps,
+        param_ratio=args.param_ratio, max_steps=args.max_steps,  # neft_mode auto: deltas, merged on save
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=16, max_length=args.max_length,
         logging_steps=max(1, args.max_steps // 6), save_strategy="no", eval_strategy="no", report_to=[],
