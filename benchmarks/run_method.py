@@ -31,7 +31,7 @@ from transformers import HfArgumentParser
 
 from neft_trl.atomic import atomic_write
 from neft_trl.budget import Budget
-from neft_trl.demo.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
+from neft_trl.demo.arguments import PairDataArguments, pair_datasets
 from neft_trl.demo.evaluation import evaluate_translations
 from neft_trl.demo.measure import StepTimer, peak_rss_mb
 from neft_trl.demo.models import load_model_and_tokenizer
@@ -44,9 +44,10 @@ logger = logging.getLogger("benchmarks")
 SPLIT_SEED = 0  # the data split never changes with the training seed: every run sees the same test pairs
 
 
-@dataclass
-class RunArguments:
-    """One run: a method, its learning rate and seed, and the shared setting every method gets."""
+@dataclass(kw_only=True)
+class RunArguments(PairDataArguments):
+    """One run: a method, its learning rate and seed, and the shared setting every method gets (data flags:
+    ``PairDataArguments``, with 200 test and 60 dev pairs)."""
 
     method: str = field(metadata={"help": "full, lora, qlora, neft-hooks-<sel>, neft-delta-<sel>, qneft-delta-<sel>, "
                                           "base or qbase (see benchmarks/methods.py)."})
@@ -54,12 +55,6 @@ class RunArguments:
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (AdamW, linear decay)."})
     seed: int = field(default=0, metadata={"help": "Training seed (selection, data order, init)."})
     model: str | None = field(default=None, metadata={"help": "Model id/folder/.gguf; default SmolLM2-135M-Instruct."})
-    dataset: str | None = field(default=None, metadata={"help": "A pairs file (.json/.jsonl/.csv/.parquet) instead "
-                                                                 "of the Django catalogs."})
-    source_column: str = field(default="source", metadata={"help": "Source column of --dataset."})
-    target_column: str = field(default="target", metadata={"help": "Target column of --dataset."})
-    lang: str = field(default="de", metadata={"help": "Target language (Django locale code, or a name)."})
-    max_chars: int = field(default=60, metadata={"help": "Drop Django pairs longer than this."})
     test_size: int = field(default=200, metadata={"help": "Held-out test pairs (eval loss, chrF)."})
     dev_size: int = field(default=60, metadata={"help": "Dev pairs from the train side, for the learning-rate sweep."})
     chat: bool | None = field(default=None, metadata={"help": "Chat prompts (default: if the tokenizer has a "
@@ -83,18 +78,6 @@ class RunArguments:
     generate: bool = field(default=True, metadata={"help": "Measure chrF/BLEU by greedy generation after training."})
     max_new_tokens: int = field(default=32, metadata={"help": "Generation length limit for chrF."})
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads (default: torch's choice)."})
-
-
-def build_datasets(args: RunArguments, chat: bool) -> tuple[Any, Any, Any]:
-    """``(train, dev, test)`` prompt-completion datasets with ``source``/``target`` columns."""
-    pairs = (load_pairs_file(args.dataset, args.source_column, args.target_column) if args.dataset
-             else django_pairs(args.lang, max_chars=args.max_chars))
-    train, test = split_pairs(pairs, args.test_size, seed=SPLIT_SEED)
-    train, dev = split_pairs(train, args.dev_size, seed=SPLIT_SEED)
-    if args.max_train_pairs:
-        train = train[: args.max_train_pairs]
-    target = language_name(args.lang)
-    return tuple(to_prompt_completion(p, target, conversational=chat) for p in (train, dev, test))
 
 
 def load_model(args: RunArguments, method: Method):
@@ -177,7 +160,9 @@ def run(args: RunArguments) -> dict[str, Any]:
     logger.info("%s lr=%g seed=%d: loading the model", method.name, args.learning_rate, args.seed)
     model, tokenizer = load_model(args, method)
     chat = args.chat if args.chat is not None else getattr(tokenizer, "chat_template", None) is not None
-    data = build_datasets(args, chat)
+    data = pair_datasets(args, chat, seed=SPLIT_SEED)  # (train, dev, test)
+    if args.max_train_pairs:
+        data = (data[0].select(range(min(args.max_train_pairs, len(data[0])))), *data[1:])
     max_steps, eval_steps = schedule(args.max_steps, args.eval_steps, args.epochs, len(data[0]), args.batch_size)
     args = replace(args, max_steps=max_steps, eval_steps=eval_steps)
     regime = Regime(long=bool(args.epochs), prose_size=args.prose_size)
@@ -206,6 +191,8 @@ def run(args: RunArguments) -> dict[str, Any]:
             record["trainable_parameters"] = trainable_parameters(trainer)
             mask = getattr(trainer, "neuron_mask", None)
             record["selection_seconds"] = float(mask.metadata["selection_seconds"]) if mask is not None else 0.0
+            if mask is not None:  # beside the JSON, so runs' selections can be compared (neft-trl report)
+                record["mask"] = str(mask.save(Path(args.output).with_suffix(".mask.safetensors")))
             record.update(regime.after(trainer, data, record["eval_loss_before"], record.get("prose_loss_before")))
         else:
             record.update(peak_rss_mb=peak_rss_mb(), trainable_parameters=0,

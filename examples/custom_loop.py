@@ -8,11 +8,10 @@ import argparse
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from neft_trl import apply_neurons, select_neurons
 from neft_trl.demo.data import django_pairs, translation_prompt
-from neft_trl.demo.models import resolve_model
+from neft_trl.demo.models import load_model_and_tokenizer
 
 
 def batches(tokenizer, pairs, batch_size):
@@ -34,10 +33,9 @@ def main(argv=None):
     parser.add_argument("--selector", default="cosine"), parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    path = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.pad_token, tokenizer.padding_side = tokenizer.pad_token or tokenizer.eos_token, "right"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(accelerator.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype=torch.float32)
+    tokenizer.padding_side = "right"
+    model = model.to(accelerator.device)
     data = [{k: v.to(accelerator.device) for k, v in b.items()} for b in batches(tokenizer, django_pairs("de", 60), 4)]
 
     mask = select_neurons(model, data[:8], args.selector, param_ratio=0.06)  # 1. which neurons (8 batches)

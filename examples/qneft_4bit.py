@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 
 import torch
 from sft_neft import ScriptArguments, load_data
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, HfArgumentParser
+from transformers import BitsAndBytesConfig, HfArgumentParser
 
 from neft_trl import NeFTConfig, NeFTSFTTrainer
 from neft_trl.demo.models import resolve_model
+from neft_trl.loading import load_model
 
 
 @dataclass
@@ -37,8 +38,7 @@ def main(argv: list[str] | None = None) -> NeFTSFTTrainer:
         parser.error("--neft_mode hooks cannot train 4-bit weights: use delta (or auto, the default).")
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_args.bnb_4bit_quant_type,
                              bnb_4bit_compute_dtype=getattr(torch, quant_args.bnb_4bit_compute_dtype))
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(script_args.model_name_or_path), quantization_config=bnb,
-                                                 dtype=torch.float32)
+    model = load_model(resolve_model(script_args.model_name_or_path), dtype=torch.float32, quantization_config=bnb)
     train_dataset, eval_dataset = load_data(script_args)
     trainer = NeFTSFTTrainer(model, train_dataset, eval_dataset=eval_dataset, args=training_args)
     trainer.train()

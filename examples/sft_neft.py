@@ -19,8 +19,11 @@ from transformers import HfArgumentParser
 
 from neft_trl import NeFTConfig, NeFTSFTTrainer
 from neft_trl.data_sources import load_split
-from neft_trl.demo.data import django_pairs, language_name, to_prompt_completion
+from neft_trl.demo.arguments import PairDataArguments, pair_datasets
 from neft_trl.demo.models import resolve_model
+
+#: Held-out Django pairs without --dataset_name: a tenth of the 725 German pairs of at most 80 characters.
+DJANGO_HELD_OUT = 72
 
 
 @dataclass
@@ -39,11 +42,11 @@ class ScriptArguments:
 
 
 def load_data(script_args: ScriptArguments) -> tuple[Any, Any]:
-    """``(train, eval or None)`` from ``--dataset_name``, or the offline Django pairs (90/10 split)."""
+    """``(train, eval or None)`` from ``--dataset_name``, or the offline Django pairs (English->German of at most
+    80 characters, ``DJANGO_HELD_OUT`` held out by ``split_pairs``' seeded hash, as in the quickstart and
+    benchmarks)."""
     if script_args.dataset_name is None:
-        data = to_prompt_completion(django_pairs("de", max_chars=80), language_name("de"), conversational=False)
-        split = data.train_test_split(test_size=0.1, seed=0)
-        return split["train"], split["test"]
+        return pair_datasets(PairDataArguments(lang="de", max_chars=80, test_size=DJANGO_HELD_OUT), chat=False)
     train = load_split(script_args.dataset_name, script_args.dataset_config, script_args.dataset_train_split)
     test = None
     if script_args.dataset_test_split is not None:

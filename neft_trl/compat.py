@@ -14,7 +14,9 @@ from typing import Any
 from torch import nn
 
 from .errors import UsageError
+from .freezing import frozen_parameters
 from .layers import is_quantized_model
+from .loading import TRL_DEFAULT, load_model
 
 _PEFT_FLAG = "_hf_peft_config_loaded"
 
@@ -57,15 +59,8 @@ def frozen_during_trl_init(model: nn.Module) -> Iterator[None]:
     if not is_quantized_model(model):
         yield
         return
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for param in model.parameters():
-        param.requires_grad_(False)
-    try:
+    with frozen_parameters(model):
         yield
-    finally:
-        for name, param in model.named_parameters():
-            if name in flags:
-                param.requires_grad_(flags[name])
 
 
 def load_model_like_trl(
@@ -76,11 +71,10 @@ def load_model_like_trl(
     NeFT loads the model itself instead of passing the path on, so that a quantized model can be frozen
     (``frozen_during_trl_init``) before TRL's bf16 cast runs. Same rules as TRL: ``args.model_init_kwargs``
     plus ``quantization_config`` (set in only one place), ``device_map=None`` under DDP/DeepSpeed, fp32 unless
-    ``dtype`` is set (``trl.trainer.utils.create_model_from_path``); without a ``processing_class`` the
-    processor is loaded from the same path and revision as the model.
+    ``dtype`` is set (``loading.load_model``, built on TRL's ``create_model_from_path``); without a
+    ``processing_class`` the processor is loaded from the same path and revision as the model.
     """
     from transformers import AutoProcessor
-    from trl.trainer.utils import create_model_from_path
 
     kwargs = dict(args.model_init_kwargs or {})
     if quantization_config is not None:
@@ -93,7 +87,8 @@ def load_model_like_trl(
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         kwargs["device_map"] = None  # "auto" fails under distributed training
     kwargs.setdefault("trust_remote_code", args.trust_remote_code)
-    model = create_model_from_path(model_id, **kwargs)
+    model = load_model(model_id, dtype=kwargs.pop("dtype", "float32"), device_map=kwargs.pop("device_map", TRL_DEFAULT),
+                       quantization_config=kwargs.pop("quantization_config", None), **kwargs)
     if processing_class is None:
         processing_class = AutoProcessor.from_pretrained(
             model_id, revision=kwargs.get("revision"), trust_remote_code=args.trust_remote_code

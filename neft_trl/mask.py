@@ -82,12 +82,18 @@ class NeuronMask:
     def trainable_parameters(self) -> int:
         return int(sum(t.sum().item() * self.info[n]["params_per_neuron"] for n, t in self.selected.items()))
 
-    def per_layer_counts(self) -> dict[int, int]:
-        counts: dict[int, int] = {}
+    def per_layer_role_counts(self, candidates: bool = False) -> dict[int, dict[str, int]]:
+        """``{layer: {role: selected neuron vectors}}`` in layer order; ``candidates``: how many it chose from."""
+        counts: dict[int, dict[str, int]] = {}
         for name, t in self.selected.items():
-            layer = int(self.info[name]["layer"])
-            counts[layer] = counts.get(layer, 0) + int(t.sum().item())
+            roles = counts.setdefault(int(self.info[name]["layer"]), {})
+            role = str(self.info[name]["role"])
+            roles[role] = roles.get(role, 0) + (t.numel() if candidates else int(t.sum().item()))
         return dict(sorted(counts.items()))
+
+    def per_layer_counts(self) -> dict[int, int]:
+        """``{layer: selected neuron vectors}`` over every role, in layer order."""
+        return {layer: sum(roles.values()) for layer, roles in self.per_layer_role_counts().items()}
 
     def per_expert_counts(self) -> dict[int, dict[int, int]]:
         """``{layer: {expert: selected neuron vectors}}`` over routed experts (empty for a dense model)."""

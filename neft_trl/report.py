@@ -99,14 +99,8 @@ def summarize(mask: NeuronMask, name: str = "mask", total_parameters: int | None
     """Count one mask per layer and role. ``total_parameters`` defaults to the count the mask was saved with."""
     if total_parameters is None and mask.metadata.get("model_parameters", "").isdigit():
         total_parameters = int(mask.metadata["model_parameters"])
-    per_layer: dict[int, dict[str, int]] = {}
-    candidates: dict[int, dict[str, int]] = {}
-    for module, selected in mask.selected.items():
-        layer, role = int(mask.info[module]["layer"]), str(mask.info[module]["role"])
-        per_layer.setdefault(layer, {})
-        candidates.setdefault(layer, {})
-        per_layer[layer][role] = per_layer[layer].get(role, 0) + int(selected.sum())
-        candidates[layer][role] = candidates[layer].get(role, 0) + selected.numel()
+    per_layer = mask.per_layer_role_counts()
+    candidates = mask.per_layer_role_counts(candidates=True)
     roles = sorted({r for counts in per_layer.values() for r in counts}, key=_role_rank)
     return MaskSummary(
         name=name,
@@ -117,8 +111,8 @@ def summarize(mask: NeuronMask, name: str = "mask", total_parameters: int | None
         trainable_parameters=mask.trainable_parameters,
         total_parameters=total_parameters,
         roles=roles,
-        per_layer={k: _ordered(v) for k, v in sorted(per_layer.items())},
-        candidates={k: _ordered(v) for k, v in sorted(candidates.items())},
+        per_layer={k: _ordered(v) for k, v in per_layer.items()},
+        candidates={k: _ordered(v) for k, v in candidates.items()},
         per_expert=mask.per_expert_counts(),
     )
 

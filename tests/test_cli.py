@@ -161,13 +161,14 @@ def test_bad_setup_exits_2_with_one_line(workdir, tmp_path, capsys):
 
 BUG = r"""
 import sys
-import neft_trl.cli as cli
+import neft_trl.cli.run as cli_run
+from neft_trl.cli import main
 
 def load_split(*args, **kwargs):
     raise ValueError("a bug inside neft_trl, not a user mistake")
 
-cli.load_split = load_split
-sys.exit(cli.main(sys.argv[1:]))
+cli_run.load_split = load_split
+sys.exit(main(sys.argv[1:]))
 """
 
 

@@ -93,3 +93,22 @@ def test_load_pairs_file_jsonl_with_column_options(tmp_path):
     assert pairs == [TranslationPair("Hello", "Hallo"), TranslationPair("Good day", "Guten Tag")]
     with pytest.raises(ValueError, match=r"no column\(s\) \['source'\].*columns are \['en', 'de'\]"):
         load_pairs_file(path, target_column="de")
+
+
+def test_pair_datasets_split_a_pairs_file_into_train_dev_test_by_the_seeded_hash(tmp_path):
+    from neft_trl.demo.arguments import PairDataArguments, pair_datasets
+
+    rows = [{"en": f"sentence {i}", "fr": f"phrase {i}"} for i in range(30)]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = PairDataArguments(dataset=str(tmp_path / "pairs.jsonl"), source_column="en", target_column="fr",
+                             lang="French", test_size=6, dev_size=4)
+    train, dev, test = pair_datasets(args, chat=False, seed=3)
+    assert (len(train), len(dev), len(test)) == (20, 4, 6)
+    pairs = [TranslationPair(r["en"], r["fr"]) for r in rows]
+    rest, held_out = split_pairs(pairs, 6, seed=3)
+    assert test["source"] == [p.source for p in held_out]
+    assert dev["source"] == [p.source for p in split_pairs(rest, 4, seed=3)[1]]
+    assert set(train["source"]) | set(dev["source"]) | set(test["source"]) == {r["en"] for r in rows}
+    assert test[0]["prompt"] == translation_prompt(test[0]["source"], "French") + "\n"
+    assert len(pair_datasets(PairDataArguments(dataset=args.dataset, source_column="en", target_column="fr",
+                                               test_size=6), chat=True, seed=3)) == 2  # no dev split by default

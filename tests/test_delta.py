@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from neft_trl import NeFTSFTTrainer, load_neuron_delta, merge_neuron_delta
 from neft_trl.training.delta_io import DELTA_CONFIG_FILENAME, DELTA_FILENAME, read_neuron_delta, save_neuron_delta
-from neft_trl.training.delta_layer import NeuronDelta, attach_delta, detach_delta
+from neft_trl.training.delta_layer import NeuronDelta, attach_delta, attached_deltas, detach_delta, has_delta
 
 
 def _train(tmp_path, model, mode, **overrides):
@@ -52,6 +52,26 @@ def test_delta_output_equals_dense_weight_update(layer_class, is_input):
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, weight, bias))  # base function restored
     delta.merge_into(layer)
     torch.testing.assert_close(layer(x), expected)
+
+
+@pytest.mark.parametrize("is_input", [True, False])
+def test_a_delta_over_every_neuron_adds_exactly_what_the_gather_scatter_adds(is_input):
+    """The cosine probe's full-size delta takes NeuronDelta's plain ``x D^T`` path: bit-identical to the general one."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 5)
+    full = NeuronDelta(torch.arange(5 if is_input else 6), is_input, 6, 5)
+    part = NeuronDelta(torch.tensor([0, 2, 4]), is_input, 6, 5)
+    assert full.covers_all and not part.covers_all
+    torch.nn.init.normal_(full.weight)
+    x = torch.randn(3, 4, 6)
+    out = layer(x)
+    general = (out.index_add(-1, full.index, torch.nn.functional.linear(x, full.weight)) if is_input
+               else out + torch.nn.functional.linear(x.index_select(-1, full.index), full.weight))
+    assert torch.equal(full(x, out), general)
+    with pytest.raises(ZeroDivisionError), attached_deltas({layer: full}):
+        assert torch.equal(layer(x), general)
+        raise ZeroDivisionError
+    assert not has_delta(layer) and not layer._forward_hooks and torch.equal(layer(x), out)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -85,16 +85,27 @@ def test_trainer_and_functional_api_train_the_same_weights(tmp_path):
                      learning_rate=1e-2, weight_decay=0.0, max_grad_norm=0.0, lr_scheduler_type="constant",
                      optim="adamw_torch")
     trainer = NeFTSFTTrainer(make_model("llama"), make_dataset(), args=args, processing_class=make_tokenizer())
-    batches = [trainer._prepare_inputs(b) for b in trainer.get_train_dataloader()][:3]  # the run's own batches
+    batches, compute_loss = [], trainer.compute_loss
+
+    def recording(model, inputs, *rest, **kwargs):  # the batches the run really trains on, in its order
+        batch = {k: inputs[k].clone() for k in ("input_ids", "attention_mask", "labels")}
+        # the loss's token count: transformers 4.57 counts labels before the shift (32 where 5.x counts 28)
+        items = kwargs.get("num_items_in_batch")
+        batches.append((batch, float(items) if items is not None else None))
+        return compute_loss(model, inputs, *rest, **kwargs)
+
+    trainer.compute_loss = recording
     trainer.train()
+    assert len(batches) == 3
 
     model = make_model("llama")
     mask = select_neurons(model, None, "random", neuron_ratio=0.25, seed=args.seed)
     assert mask == trainer.neuron_mask
     handle = apply_neurons(model, mask, "delta")
     optimizer = handle.make_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
-    for batch in batches:
-        model(**{k: batch[k] for k in ("input_ids", "attention_mask", "labels")}).loss.backward()
+    for batch, items in batches:
+        shifted = float((batch["labels"][:, 1:] != -100).sum())  # the tokens the model's own mean is over
+        (model(**batch).loss * (shifted / items if items else 1.0)).backward()
         optimizer.step()
         optimizer.zero_grad()
     for name, delta in trainer.neuron_training.deltas.items():

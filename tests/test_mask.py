@@ -46,6 +46,9 @@ def test_neuron_ratio_and_per_layer_scope(llama):
                       scope="per_layer")
     assert mask.num_selected == 48
     assert mask.per_layer_counts() == {0: 24, 1: 24}
+    by_role = mask.per_layer_role_counts()
+    assert {layer: sum(roles.values()) for layer, roles in by_role.items()} == mask.per_layer_counts()
+    assert mask.per_layer_role_counts(candidates=True) == {layer: {"up": 48, "down": 48} for layer in (0, 1)}
 
 
 def test_default_budget_is_the_papers_six_percent():

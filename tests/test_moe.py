@@ -1,8 +1,8 @@
-"""Mixture-of-experts models: neurons inside routed experts (fused 3-D experts of transformers 5).
+"""Mixture-of-experts models: the neuron map over routed experts, training and masks (fused 3-D experts).
 
-Tiny random Mixtral, Qwen2-MoE (with a shared expert), Qwen3-MoE and OLMoE: the map covers every expert,
-both training modes keep every other value bit-identical, hooks == delta at weight decay 0, merging
-reproduces the logits, selectors see routed tokens only, and masks carry the expert dimension.
+The map covers every expert and keeps the model's function, both training modes keep every other value
+bit-identical, hooks == delta at weight decay 0, merging reproduces the logits, and masks carry the expert
+dimension. Selectors: ``test_moe_selectors.py``; the trainer and saved deltas: ``test_moe_trainer.py``.
 """
 
 from __future__ import annotations
@@ -11,81 +11,17 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig  # noqa: E402
+from moe_fixtures import MOE, TRAINED, logits, make_moe, random_mask, skip_without_fused_experts, train
 
 from neft_trl.budget import Budget, select_top
-from neft_trl.experts import is_expert_view, is_fused_experts
+from neft_trl.experts import is_expert_view
 from neft_trl.layers import parameter_count
 from neft_trl.mask import NeuronMask
 from neft_trl.neurons import build_neuron_map
-from neft_trl.selection import run_selector
-from neft_trl.selectors.base import SelectionContext
 from neft_trl.training import GradientMaskTraining
 from neft_trl.training.delta import DeltaTraining
 
-COMMON = dict(vocab_size=64, pad_token_id=0, eos_token_id=2, bos_token_id=2, hidden_size=32, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-MOE = {
-    "mixtral": lambda e: MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=e, num_experts_per_tok=2),
-    "qwen2_moe": lambda e: Qwen2MoeConfig(**COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=40,
-                                          num_experts=e, num_experts_per_tok=2, decoder_sparse_step=1),
-    "qwen3_moe": lambda e: Qwen3MoeConfig(**COMMON, moe_intermediate_size=16, num_experts=e, num_experts_per_tok=2,
-                                          decoder_sparse_step=1, head_dim=8),
-    "olmoe": lambda e: OlmoeConfig(**COMMON, intermediate_size=20, num_experts=e, num_experts_per_tok=2),
-}
-TRAINED = ["mixtral", "qwen2_moe", "olmoe"]
-
-
-def make_moe(arch: str, experts: int = 4, seed: int = 0):
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(MOE[arch](experts)).float()
-
-
-if not any(is_fused_experts(m) for m in make_moe("mixtral").modules()):
-    pytest.skip("this transformers stores experts as per-expert nn.Linear (4.x), not fused 3-D parameters: "
-                "see test_moe_per_expert_linear.py", allow_module_level=True)
-
-
-def batches(n: int = 3, seed: int = 1) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 64, (4, 9), generator=g)
-        mask = torch.ones_like(ids)
-        mask[0, 6:] = 0  # padding, which selectors must not count
-        out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
-    return out
-
-
-def random_mask(neuron_map, model, ratio: float = 0.3, seed: int = 0) -> NeuronMask:
-    g = torch.Generator().manual_seed(seed)
-    scores = {grp.key: torch.rand(grp.size, generator=g) for grp in neuron_map.groups}
-    return select_top(neuron_map, scores, Budget.resolve(neuron_ratio=ratio), parameter_count(model))
-
-
-def train(model, training, steps: int = 3, weight_decay: float = 0.0, accumulation: int = 2) -> None:
-    training.attach()
-    params = [p for p in model.parameters() if p.requires_grad]
-    names = training.no_decay_parameter_names()
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and n not in names]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and n in names]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=1e-2)
-    training.install_weight_decay(optimizer, weight_decay)
-    model.train()
-    data = batches(steps * accumulation)
-    for step in range(steps):
-        for batch in data[step * accumulation:(step + 1) * accumulation]:
-            (model(**batch).loss / accumulation).backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.5)
-        optimizer.step()
-        optimizer.zero_grad()
-
-
-def logits(model) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return model(input_ids=batches(1, seed=7)[0]["input_ids"]).logits
+skip_without_fused_experts()
 
 
 @pytest.mark.parametrize("arch", list(MOE))
@@ -216,63 +152,6 @@ def make_moe_dense():
     return make_model("llama")
 
 
-def _without_expert(model, expert: int):
-    """Route every token away from ``expert`` (forward hooks on the routers); returns the handles."""
-    def reroute(module, args, out):
-        logits_, scores, index = out
-        return logits_, scores, torch.where(index == expert, (index + 1) % module.num_experts, index)
-    return [layer.mlp.gate.register_forward_hook(reroute) for layer in model.model.layers]
-
-
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
-@pytest.mark.parametrize("selector", ["activation", "gradient", "random"])
-def test_selectors_score_every_expert_and_unrouted_experts_score_zero(arch, selector):
-    model = make_moe(arch)
-    neuron_map = build_neuron_map(model)
-    handles = _without_expert(model, 3)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    context = SelectionContext(model=model, neuron_map=neuron_map, budget=Budget.resolve(neuron_ratio=0.2),
-                               batches=batches(), show_progress=False)
-    kwargs = {"calibration_batches": 2} if selector != "random" else {}
-    mask = run_selector(context, selector, kwargs)
-    for h in handles:
-        h.remove()
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert mask.num_selected > 0 and mask.per_expert_counts()
-    if selector != "random":
-        for layer in mask.per_expert_counts().values():
-            assert layer.get(3, 0) == 0  # never routed -> score 0 -> never kept under keep="highest"
-
-
-def test_activation_scores_are_means_over_routed_real_tokens():
-    from neft_trl.selectors.activation import ActivationSelector
-
-    model = make_moe("mixtral")
-    neuron_map = build_neuron_map(model)
-    data = batches(1)
-    experts = model.model.layers[0].mlp.experts
-    seen = {}
-    handle = experts.register_forward_hook(lambda m, args, out: seen.update(x=args[0], index=args[1]))
-    context = SelectionContext(model=model, neuron_map=neuron_map, budget=Budget.resolve(neuron_ratio=0.2),
-                               batches=data, show_progress=False)
-    scores = ActivationSelector(calibration_batches=1).score(context)
-    handle.remove()
-    routed = (seen["index"] == 2).any(-1) & data[0]["attention_mask"].reshape(-1).bool()
-    inter = experts.down_proj.shape[-1]
-    expected = (seen["x"][routed] @ experts.gate_up_proj[2, inter:].t()).abs().mean(0)
-    torch.testing.assert_close(scores["model.layers.0.mlp.experts.neft_experts.2.up"], expected.detach())
-
-
-def test_cosine_probe_scores_routed_experts_without_touching_the_model():
-    model = make_moe("mixtral")
-    neuron_map = build_neuron_map(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    context = SelectionContext(model=model, neuron_map=neuron_map, budget=Budget.resolve(neuron_ratio=0.2),
-                               batches=batches(), show_progress=False)
-    mask = run_selector(context, "cosine", {"probe_steps": 2, "probe_learning_rate": 1e-2})
-    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    assert sum(sum(c.values()) for c in mask.per_expert_counts().values()) == mask.num_selected > 0
-
 
 def test_copy_of_a_mapped_model_still_computes_through_its_own_views():
     model = make_moe("olmoe")
@@ -282,57 +161,3 @@ def test_copy_of_a_mapped_model_still_computes_through_its_own_views():
     with torch.no_grad():
         clone.model.layers[0].mlp.experts.down_proj.zero_()
     assert not torch.equal(logits(clone), logits(model))
-
-
-def test_bitsandbytes_leaves_fused_experts_unquantized_which_is_a_clear_error(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    make_moe("mixtral").save_pretrained(tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
-    assert type(model.model.layers[0].mlp.experts.gate_up_proj).__name__ == "Parameter"  # bnb skipped it
-    with pytest.raises(ValueError, match=r"routed experts \(model\.layers\.0\.mlp\.experts\.gate_up_proj.*without "
-                                         r"quantization_config"):
-        build_neuron_map(model)
-
-
-@pytest.mark.parametrize("mode", ["hooks", "delta"])
-def test_trainer_selects_and_trains_expert_neurons(tmp_path, mode):
-    from conftest import make_dataset, make_tokenizer, tiny_args
-
-    from neft_trl import NeFTSFTTrainer
-
-    model = make_moe("qwen2_moe")
-    router = model.model.layers[0].mlp.gate.weight.detach().clone()
-    args = tiny_args(tmp_path, selector="activation", selector_kwargs={"calibration_batches": 2},
-                     neuron_ratio=0.2, neft_mode=mode, neuron_scope="per_expert", save_strategy="no")
-    trainer = NeFTSFTTrainer(model, make_dataset(), args=args, processing_class=make_tokenizer())
-    trainer.train()
-    assert torch.equal(model.model.layers[0].mlp.gate.weight, router)  # the router never trains
-    report = trainer.neuron_report()
-    assert report.masks[0].per_expert == trainer.neuron_mask.per_expert_counts()
-    assert "layer_1_expert_3_neurons" in "".join(report.scalars())
-    assert "Neurons per routed expert" in report.to_markdown()
-    trainer.save_model()
-    assert NeuronMask.load(args.output_dir) == trainer.neuron_mask
-
-
-def test_saved_expert_deltas_load_and_merge_into_a_fresh_model(tmp_path):
-    from neft_trl import load_neuron_delta, merge_neuron_delta
-    from neft_trl.plots import plot_mask
-
-    model = make_moe("qwen2_moe")
-    neuron_map = build_neuron_map(model)
-    mask = random_mask(neuron_map, model)
-    training = DeltaTraining(model, neuron_map, mask)
-    train(model, training)
-    trained = logits(model)
-    training.save(str(tmp_path))
-    loaded = load_neuron_delta(make_moe("qwen2_moe"), tmp_path)  # a fresh model: views installed on load
-    torch.testing.assert_close(logits(loaded), trained, rtol=0, atol=1e-6)
-    merged = merge_neuron_delta(make_moe("qwen2_moe"), tmp_path)
-    torch.testing.assert_close(logits(merged), trained, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="neft_experts"):
-        load_neuron_delta(make_moe("qwen2_moe", experts=2), tmp_path)  # experts 2, 3 are absent there
-    png = plot_mask(mask, tmp_path / "mask.png")
-    assert png.stat().st_size > 1000

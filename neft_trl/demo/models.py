@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..loading import load_model
+
 logger = logging.getLogger("neft_trl")
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -173,7 +175,7 @@ def load_model_and_tokenizer(
 
     A tokenizer without a pad token gets its EOS token as padding, which causal-LM training masks anyway.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = resolve_model(name_or_path, show_progress)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -181,5 +183,5 @@ def load_model_and_tokenizer(
         if tokenizer.eos_token is None:
             raise ValueError(f"The tokenizer of {path!r} has neither a pad nor an EOS token: set one before training.")
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **model_kwargs)
+    model = load_model(path, dtype=dtype, **model_kwargs)
     return model, tokenizer

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..layers import dense_weight, features
+from ..loading import load_model
 from ..neurons import NeuronMap, Projection, neuron_vectors
 from ..plugins import hookimpl
 from .base import NeuronSelector, SelectionContext
@@ -143,11 +144,9 @@ def _change_sums(change: Change) -> DotSums:
 def _load_reference(reference: Any) -> tuple[nn.Module, str]:
     if isinstance(reference, nn.Module):
         return reference, getattr(getattr(reference, "config", None), "_name_or_path", "") or type(reference).__name__
-    from transformers import AutoModelForCausalLM
-
     path = os.fspath(reference)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = load_model(path, dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise ValueError(f"Selector 'cosine' could not load reference_model={path!r} ({err}). Pass a local folder "
                          "written by save_pretrained, or a loaded model object.") from err

@@ -1,11 +1,13 @@
 """The cosine selector's probe: a short fine-tune of the candidate projections that never writes a weight.
 
 Every candidate projection gets a full-size fp32 delta ``D`` (in the layer's own ``[out, in]`` orientation)
-added by a forward hook, ``y = layer(x) + x D^T``; only the deltas train. The base weights are never
-written, so the original model stays bit-identical by construction, and 4-bit/8-bit layers (whose weights
-cannot train) are probed the same way. The deltas train with the trainer's own optimizer class and
-settings, learning-rate schedule (stretched over the probe), gradient accumulation, clipping, autocast and
-batches, which is the paper's "fully fine-tune for K steps" restricted to the weights that are scored.
+added by a forward hook, ``y = layer(x) + x D^T``; only the deltas train. ``D`` is a ``NeuronDelta`` over all
+of the projection's neurons, attached the way delta mode attaches its deltas (``training/delta_layer.py``).
+The base weights are never written, so the original model stays bit-identical by construction, and 4-bit/8-bit
+layers (whose weights cannot train) are probed the same way. The deltas train with the trainer's own optimizer
+class and settings, learning-rate schedule (stretched over the probe), gradient accumulation, clipping,
+autocast and batches, which is the paper's "fully fine-tune for K steps" restricted to the weights that are
+scored.
 
 Not carried over on purpose: weight decay (on a delta it would pull ``W + D`` towards ``W``, not towards 0;
 the paper trains with decay 0) and gradients of non-candidate weights (they are not scored, so the probe
@@ -20,14 +22,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, get_scheduler
 
 from ..compat import model_checkpoints_activations
 from ..layers import features, is_quantized, parameter_count
+from ..training.delta_layer import NeuronDelta, attached_deltas
 from .base import SelectionContext
-from .tracing import frozen, model_mode, removing
+from .tracing import frozen, model_mode
 
 logger = logging.getLogger("neft_trl")
 
@@ -76,21 +78,18 @@ def run_probe(context: SelectionContext, steps: int, learning_rate: float | None
         "AdamW moments (16 bytes a weight); selector_kwargs={'probe': 'sketch'} bounds this by the neurons",
         f"{elements:,}", 16 * elements / 2**30,
     )
-    deltas = {}
-    for proj in context.neuron_map:
-        in_features, out_features = features(proj.module)
-        deltas[proj.name] = torch.zeros(out_features, in_features, dtype=torch.float32,
-                                        device=proj.module.weight.device, requires_grad=True)
-    optimizer, scheduler, accumulation, max_grad_norm = optimizer_and_schedule(context, list(deltas.values()), steps,
+    # a full-size delta is a NeuronDelta over every neuron: the layer and forward hook delta mode trains with
+    deltas = {proj.name: NeuronDelta(torch.arange(proj.num_neurons), proj.is_input, *features(proj.module),
+                                     device=proj.module.weight.device) for proj in context.neuron_map}
+    weights = {name: delta.weight for name, delta in deltas.items()}
+    optimizer, scheduler, accumulation, max_grad_norm = optimizer_and_schedule(context, list(weights.values()), steps,
                                                                    learning_rate)
     lr = optimizer.param_groups[0]["lr"] if scheduler is None else scheduler.base_lrs[0]
     # Reentrant gradient checkpointing only back-propagates into checkpointed blocks whose inputs need grad.
     input_grads = model_checkpoints_activations(model)
     state_bytes = 0
-    with model_mode(model, training=True), frozen(model, input_grads=input_grads), removing([]) as handles:
-        for proj in context.neuron_map:
-            handles.append(proj.module.register_forward_hook(
-                lambda m, args, out, delta=deltas[proj.name]: _add_delta(delta, args[0], out)))
+    modules = {proj.module: deltas[proj.name] for proj in context.neuron_map}
+    with model_mode(model, training=True), frozen(model, input_grads=input_grads), attached_deltas(modules):
         batches = context.iter_batches(steps * accumulation, "cosine", "NeFT cosine probe")
         for index, batch in enumerate(batches, start=1):
             loss = context.loss(model, batch) / accumulation
@@ -98,25 +97,21 @@ def run_probe(context: SelectionContext, steps: int, learning_rate: float | None
             if index % accumulation:
                 continue
             if max_grad_norm and max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(list(deltas.values()), max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(list(weights.values()), max_grad_norm)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
-            state_bytes = max(state_bytes, _state_bytes(optimizer, deltas))
+            state_bytes = max(state_bytes, _state_bytes(optimizer, weights))
             optimizer.zero_grad(set_to_none=True)
-    full_bytes = _full_finetune_bytes(model, optimizer, deltas)
+    full_bytes = _full_finetune_bytes(model, optimizer, weights)
     del optimizer, scheduler
-    trained = {name: d.detach() for name, d in deltas.items()}
+    trained = {name: w.detach() for name, w in weights.items()}
     logger.info(
         "NeFT cosine probe: %d steps at lr %.3g; probe state %.1f MiB vs %.1f MiB of gradients + optimizer state "
         "for a full fine-tune (%.0f%%)", steps, lr, state_bytes / 2**20, full_bytes / 2**20,
         100 * state_bytes / max(full_bytes, 1),
     )
     return ProbeResult(trained, steps, lr, state_bytes, full_bytes)
-
-
-def _add_delta(delta: torch.Tensor, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-    return output + F.linear(x.to(delta.dtype), delta).to(output.dtype)
 
 
 def optimizer_and_schedule(

@@ -156,6 +156,7 @@ def run_sketch_probe(
             done += 1
             _adam_step(sketches, done, group["lr"], beta1, beta2, eps, max_grad_norm)
             if scheduler is not None:
+                optimizer.step()  # a no-op (its one dummy element has no gradient), in the order the scheduler expects
                 scheduler.step()
     lr = scheduler.base_lrs[0] if scheduler is not None else group["lr"]
     meta = {"probe": "sketch", "probe_steps": str(done), "probe_learning_rate": f"{lr:g}",

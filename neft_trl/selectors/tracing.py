@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..freezing import frozen_parameters
 from ..layers import is_quantized
 
 
@@ -54,11 +55,8 @@ def frozen(model: nn.Module, input_grads: bool = False) -> Iterator[None]:
     With ``input_grads`` the input embeddings' output requires grad, so activation gradients still flow
     through a fully frozen (or quantized) model. ``requires_grad`` flags are restored on exit.
     """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
     with ExitStack() as stack:
-        stack.callback(lambda: [p.requires_grad_(flag) for p, flag in flags])
-        for p, _ in flags:
-            p.requires_grad_(False)
+        stack.enter_context(frozen_parameters(model))
         if input_grads:
             embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
             if embeddings is None:

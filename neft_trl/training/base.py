@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..freezing import FrozenFlags
 from ..mask import MASK_FILENAME, NeuronMask
 from ..neurons import NeuronMap
 from ..sharding import writes_files
@@ -32,19 +33,15 @@ class NeuronTraining(ABC):
         self.model = model
         self.neuron_map = neuron_map
         self.mask = mask
-        self._requires_grad: dict[str, bool] = {}
+        self._frozen = FrozenFlags()
 
     def freeze_model(self) -> None:
         """Freeze every parameter, remembering the flags so ``detach`` can restore them."""
-        for name, param in self.model.named_parameters():
-            self._requires_grad[name] = param.requires_grad
-            param.requires_grad_(False)
+        self._frozen.freeze(self.model)
 
     def unfreeze_model(self) -> None:
-        for name, param in self.model.named_parameters():
-            if name in self._requires_grad:
-                param.requires_grad_(self._requires_grad[name])
-        self._requires_grad.clear()
+        """Give every parameter the flag it had at ``freeze_model`` (a no-op when the model is not frozen)."""
+        self._frozen.restore()
 
     @abstractmethod
     def attach(self) -> None:

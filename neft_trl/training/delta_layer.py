@@ -19,6 +19,9 @@ The delta lives as a child module ``neft_delta`` of the projection, so its param
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+
 import torch
 from torch import nn
 
@@ -62,6 +65,7 @@ class NeuronDelta(nn.Module):
         self.weight = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.zeros(k, dtype=dtype, device=device)) if with_bias else None
         self.hook_handle: torch.utils.hooks.RemovableHandle | None = None  # set by attach_delta
+        self.covers_all = torch.equal(self.index.cpu(), torch.arange(self.num_neurons))
 
     @property
     def num_neurons(self) -> int:
@@ -69,7 +73,13 @@ class NeuronDelta(nn.Module):
         return self.out_features if self.is_input else self.in_features
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """The base layer's output ``out`` for input ``x``, with this delta's contribution added."""
+        """The base layer's output ``out`` for input ``x``, with this delta's contribution added.
+
+        A delta over every neuron (the cosine probe's) is a plain full-size ``x D^T``: the gather/scatter would
+        add the same numbers, only slower.
+        """
+        if self.covers_all:
+            return out + nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(out.dtype)
         if self.is_input:
             extra = nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias)
             return out.index_add(-1, self.index, extra.to(out.dtype))
@@ -161,6 +171,16 @@ def attach_delta(module: nn.Module, delta: NeuronDelta) -> None:
         )
     module.add_module(DELTA_ATTRIBUTE, delta)
     delta.hook_handle = module.register_forward_hook(_add_delta)
+
+
+@contextmanager
+def attached_deltas(deltas: Mapping[nn.Module, NeuronDelta]) -> Iterator[None]:
+    """Each delta attached to its layer for the block, and detached again on exit, even after an error."""
+    with ExitStack() as stack:
+        for module, delta in deltas.items():
+            attach_delta(module, delta)
+            stack.callback(detach_delta, module)
+        yield
 
 
 def detach_delta(module: nn.Module) -> NeuronDelta:

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..atomic import atomic_write
 from ..layers import is_transposed
+from ..loading import load_model, model_skeleton
 from ..mask import MASK_FILENAME, NeuronMask
 from .delta_diff import deltas_from_models
 from .delta_io import DELTA_FILENAME, check_delta_fits, read_neuron_delta
@@ -183,17 +184,12 @@ def _load(source: str | os.PathLike | nn.Module) -> nn.Module:
     """A model object as given, or loaded from a folder in its saved dtype."""
     if isinstance(source, nn.Module):
         return source
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(source), dtype="auto")
+    return load_model(source, dtype="auto")
 
 
 def _skeleton(source: str | os.PathLike | nn.Module) -> nn.Module:
     """The base model's module tree for checking shapes and layer classes: no weights are read from a folder."""
     if isinstance(source, nn.Module):
         return source
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(source)))
+    return model_skeleton(source)
 
