@@ -41,7 +41,8 @@ class NeuronMask:
     ):
         if selected.keys() != info.keys():
             raise ValueError("NeuronMask: `selected` and `info` must name the same projections.")
-        self.selected = {name: t.detach().to("cpu", torch.bool).reshape(-1) for name, t in selected.items()}
+        # a copy per projection: an `mlp` unit ties projections to one choice, yet each must save on its own
+        self.selected = {name: t.detach().to("cpu", torch.bool).reshape(-1).clone() for name, t in selected.items()}
         self.info = {name: dict(v) for name, v in info.items()}
         self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
 

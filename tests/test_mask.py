@@ -89,13 +89,14 @@ def test_score_validation_names_the_selector(llama):
         validate_scores(nmap, {nmap.groups[0].key: scores[nmap.groups[0].key]}, "mine")
 
 
-def test_mlp_unit_ties_rows_and_columns():
+def test_mlp_unit_ties_rows_and_columns(tmp_path):
     model = make_model("llama")
     nmap = build_neuron_map(model, unit="mlp")
     mask = select_top(nmap, _scores(nmap), Budget.resolve(num_neurons=5), parameter_count(model))
     up, down = "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"
     assert torch.equal(mask.selected[up], mask.selected[down])
     assert mask.num_selected == 10  # 5 units x 2 projections
+    assert NeuronMask.load(mask.save(tmp_path / "m.safetensors")) == mask  # tied choices still save one by one
 
 
 def test_algebra_and_overlap(llama):
