@@ -64,6 +64,7 @@ def test_a_neft_run_with_the_plugin_trains_only_the_selected_neurons(tmp_path):
     trainer.train()
     mask = trainer.neuron_mask
     assert mask.metadata["selector"] == "magnitude" and mask.num_selected == 4
+    model = trainer.neuron_training.merge()  # the default (delta) mode: fold the trained deltas into the weights
     for name, selected in mask.selected.items():
         weight = dict(model.named_parameters())[f"{name}.weight"]
         dim = 0 if "up_proj" in name else 1
