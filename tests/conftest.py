@@ -83,6 +83,24 @@ def torchrun(script: Path, out: Path, *script_args: str, nproc: int = 2) -> subp
                str(script), "--output_dir", str(out), *script_args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
+def rank_results(out: Path, rank: int) -> dict:
+    """What a torchrun test script wrote for ``rank``: its JSON facts, saved tensors (``params``), neuron mask and,
+    where it wrote them, selector scores (``scores``, else None)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from neft_trl import NeuronMask
+
+    prefix = out / f"rank{rank}"
+    result = json.loads(prefix.with_suffix(".json").read_text())
+    result["params"] = load_file(prefix.with_suffix(".safetensors"))
+    result["mask"] = NeuronMask.load(f"{prefix}_mask.safetensors")
+    scores = Path(f"{prefix}_scores.safetensors")
+    result["scores"] = load_file(scores) if scores.exists() else None
+    return result
+
+
 
 @pytest.fixture(autouse=True)
 def _accelerate_env_per_test():

@@ -14,17 +14,15 @@ gradient) a wrong gradient scale moves the weights by ~lr * |grad| ~ 1e-3.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_model, torchrun
+from conftest import make_model, rank_results, torchrun
 from ddp_train import ScriptArgs, train_and_report
-from safetensors.torch import load_file
 
-from neft_trl import NeuronMask, build_neuron_map
+from neft_trl import build_neuron_map
 from neft_trl.distributed import check_sharded_setup
 
 SCRIPT = Path(__file__).with_name("ddp_train.py")
@@ -32,21 +30,11 @@ LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 1e-5
 
 
-def _rank(out: Path, rank: int) -> dict:
-    prefix = out / f"rank{rank}"
-    result = json.loads(prefix.with_suffix(".json").read_text())
-    result["params"] = load_file(prefix.with_suffix(".safetensors"))
-    result["mask"] = NeuronMask.load(f"{prefix}_mask.safetensors")
-    scores = Path(f"{prefix}_scores.safetensors")
-    result["scores"] = load_file(scores) if scores.exists() else None
-    return result
-
-
 def _run_ddp_and_reference(tmp_path: Path, mode: str, *script_args: str) -> tuple[list[dict], dict]:
     ddp_out = tmp_path / "ddp"
     done = torchrun(SCRIPT, ddp_out, "--mode", mode, "--batch_size", "2", *script_args)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    ranks = [_rank(ddp_out, 0), _rank(ddp_out, 1)]
+    ranks = [rank_results(ddp_out, 0), rank_results(ddp_out, 1)]
     options = dict(zip(script_args[::2], script_args[1::2], strict=True))
     reference = ScriptArgs(output_dir=str(tmp_path / "single"), mode=mode, selector="random", batch_size=4,
                            mask_path=str(ddp_out / "rank0_mask.safetensors"),
@@ -54,7 +42,7 @@ def _run_ddp_and_reference(tmp_path: Path, mode: str, *script_args: str) -> tupl
                            weight_decay=float(options.get("--weight_decay", 0.1)),
                            grad_accum=int(options.get("--grad_accum", 1)))
     train_and_report(reference)
-    return ranks, _rank(tmp_path / "single", 0)
+    return ranks, rank_results(tmp_path / "single", 0)
 
 
 def _check_agreement(ranks: list[dict], single: dict) -> None:

@@ -11,28 +11,18 @@ weight breaks bit-equality.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, torchrun
+from conftest import make_model, rank_results, torchrun
 from fsdp_train import global_batches, train_and_report
-from safetensors.torch import load_file
 
 from neft_trl import NeuronMask, load_neuron_delta
 from neft_trl.training.delta_io import read_neuron_delta
 
 SCRIPT = Path(__file__).with_name("fsdp_train.py")
 TOLERANCE = 1e-5
-
-
-def _results(out: Path, rank: int) -> dict:
-    prefix = out / f"rank{rank}"
-    result = json.loads(prefix.with_suffix(".json").read_text())
-    result["params"] = load_file(prefix.with_suffix(".safetensors"))
-    result["mask"] = NeuronMask.load(f"{prefix}_mask.safetensors")
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +32,8 @@ def runs(tmp_path_factory) -> tuple[list[dict], dict, Path]:
     done = torchrun(SCRIPT, root / "fsdp")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     train_and_report(str(root / "single"))
-    return [_results(root / "fsdp", 0), _results(root / "fsdp", 1)], _results(root / "single", 0), root / "fsdp"
+    ranks = [rank_results(root / "fsdp", 0), rank_results(root / "fsdp", 1)]
+    return ranks, rank_results(root / "single", 0), root / "fsdp"
 
 
 def test_fsdp2_ranks_train_the_same_deltas_as_one_process(runs):
