@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .budget import Budget, select_top
-from .layers import features, is_quantized, is_supported_layer, parameter_count
+from .layers import features, is_supported_layer, parameter_count
 from .neurons import NeuronMap
 from .selectors.sketch_probe import DEFAULT_SKETCH_DIM
 
@@ -130,10 +130,6 @@ def activation_bytes(model: nn.Module, tokens: int, dtype_bytes: int = 4) -> int
     layers = getattr(config, "num_hidden_layers", 0)
     vocab = getattr(config, "vocab_size", 0)
     return tokens * dtype_bytes * (layers * (16 * hidden + 4 * inter) + 2 * vocab)
-
-
-def is_quantized_map(neuron_map: NeuronMap) -> bool:
-    return any(is_quantized(p.module) for p in neuron_map)
 
 
 def format_table(neft: MemoryEstimate, lora: MemoryEstimate, activations: int | None = None) -> str:
