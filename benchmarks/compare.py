@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser
 
 from .methods import ablation_methods, default_methods, parse_method
-from .plot import plot_eval_curves
+from .plot import mermaid_eval_curves, plot_eval_curves
 from .table import best_rows, markdown_table, target_checks
 from .tradeoff import sweep_points, tradeoff_markdown
 
@@ -261,14 +261,15 @@ def main(argv: list[str] | None = None) -> str:
     target = lora.stat("eval_loss_after").mean if lora else None
     swept = [r for r in records if parse_method(r["method"]).sweep_key == r["method"]]  # hooks rows = delta sweep
     tradeoff = tradeoff_markdown(sweep_points(swept), target, f"LoRA's at lr {lora.learning_rate:g}" if lora else "")
+    title = ("Test loss per half epoch (mean over seeds); reported: best dev checkpoint"
+             if args.regime == "long" else "Eval loss vs steps (mean over seeds)")
     text = "\n".join([markdown_table(rows), "", summary, "", "Targets:",
-                      *target_checks(rows, long_regime=args.regime == "long"), "", tradeoff])
+                      *target_checks(rows, long_regime=args.regime == "long"), "", tradeoff, "",
+                      mermaid_eval_curves(rows, title)])
     (out / "table.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps({n: {"learning_rate": r.learning_rate, "runs": r.runs,
                                                       "cost_runs": r.cost_runs} for n, r in rows.items()}, indent=1))
-    title = ("Test loss per half epoch (mean over seeds, band: min-max); reported: best dev checkpoint"
-             if args.regime == "long" else "")
-    plot = plot_eval_curves(rows, out / "eval_loss.png", title)
+    plot = plot_eval_curves(rows, out / "eval_loss.png", f"{title}, band: min-max")
     print(text)
     print(f"\nwritten: {out / 'table.md'}, {out / 'results.json'}, {plot}")
     if errors:

@@ -83,6 +83,10 @@ def test_quick_compare_on_the_tiny_model(tmp_path):
     assert delta["selection_seconds"] > 0 and full["selection_seconds"] == 0
     assert "| neft-delta-random |" in table and "× LoRA" in table and "Targets:" in table
     assert (tmp_path / "bench" / "eval_loss.png").stat().st_size > 1000
+    chart = table[table.index("```mermaid"):]
+    assert 'x-axis "optimizer step" [0, 2, 4]' in chart and chart.count("    line [") == 4  # base has no curve
+    full_curve = ", ".join(f"{loss:.3f}" for _, loss in full["eval_curve"])
+    assert f"    line [{full_curve}]" in chart and "blue: full (lr " in chart
 
 
 @pytest.mark.slow
@@ -92,6 +96,24 @@ def test_quick_compare_on_smollm2(tmp_path):
     assert results["neft-delta-cosine"]["runs"][0]["eval_loss_after"] < results["base"]["runs"][0][
         "eval_loss_before"]
     assert "| qlora (r=" in table
+
+
+def test_mermaid_chart_draws_seed_means_on_the_shared_steps():
+    from benchmarks.plot import mermaid_eval_curves
+    from benchmarks.table import MethodRow
+
+    rows = {"base": MethodRow("base", 0.0, [{"eval_curve": []}]),
+            "lora": MethodRow("lora", 3e-3, [{"eval_curve": [[0, 4.0], [10, 2.0], [20, 1.5]]},
+                                             {"eval_curve": [[0, 4.0], [10, 3.0], [20, 1.7]]}]),
+            "neft-delta-cosine": MethodRow("neft-delta-cosine", 1e-2, [{"eval_curve": [[0, 4.0], [20, 1.4]]}])}
+    chart = mermaid_eval_curves(rows, "t")
+    assert 'x-axis "optimizer step" [0, 20]' in chart  # step 10 is not shared by every method
+    assert "    line [4.000, 1.600]" in chart and "    line [4.000, 1.400]" in chart
+    assert 'y-axis "eval loss" 1.35 --> 4.05' in chart
+    assert chart.endswith("Lines: blue: lora (lr 0.003), orange: neft-delta-cosine (lr 0.01).")
+    many = {f"neft-delta-cosine+probe{i}": MethodRow(f"neft-delta-cosine+probe{i}", 1e-3, [{"eval_curve": [[0, 1.0]]}])
+            for i in range(1, 12)}
+    assert mermaid_eval_curves(many).endswith("Not drawn: neft-delta-cosine+probe11.")  # past the 10 colours
 
 
 def test_variants_parse_into_settings_and_bad_ones_are_refused():
