@@ -132,15 +132,15 @@ def test_probe_leaves_model_optimizer_and_rng_untouched(tmp_path, train_mode, pr
     assert trainer.neuron_mask == mask
 
 
-def test_default_probe_steps_is_a_twentieth_of_the_run_capped_at_50():
+def test_default_probe_steps_is_a_twentieth_of_the_run_clamped_to_10_50():
     def run(max_steps, batches=40, accumulation=1, epochs=3.0):
         args = SimpleNamespace(max_steps=max_steps, gradient_accumulation_steps=accumulation, num_train_epochs=epochs)
         return SimpleNamespace(trainer=SimpleNamespace(args=args, get_train_dataloader=lambda: range(batches)))
 
-    assert default_probe_steps(run(3)) == 1
-    assert default_probe_steps(run(100)) == 5
+    assert default_probe_steps(run(3)) == 10  # never the collapsed 1-step probe
+    assert default_probe_steps(run(260)) == 13
     assert default_probe_steps(run(100_000)) == 50
-    assert default_probe_steps(run(-1, batches=40, accumulation=2, epochs=3)) == 3  # 20 steps x 3 epochs
+    assert default_probe_steps(run(-1, batches=400, accumulation=2, epochs=3)) == 30  # 200 steps x 3 epochs
     assert default_probe_steps(SimpleNamespace(trainer=None, batches=[{}] * 7)) == 7  # one pass over a list
     assert default_probe_steps(SimpleNamespace(trainer=None, batches=lambda n: iter([]))) == 50
 

@@ -42,8 +42,8 @@ class CosineSelector(NeuronSelector):
         reference_model: an already fine-tuned model: a local folder (loaded with ``AutoModelForCausalLM``
             in fp32 on CPU) or a model object. Projections are matched by module name.
         probe_steps: without a reference, fine-tune for this many optimizer steps first. Default: a
-            twentieth of the run's optimizer steps (``max_steps``, or epochs x batches), at least 1 and at
-            most 50, so selection stays well within 10% of the run; 50 where the run length is unknown.
+            twentieth of the run's optimizer steps (``max_steps``, or epochs x batches), at least 10 (shorter
+            probes rank by weight norm) and at most 50; 50 where the run length is unknown.
         probe_learning_rate: the probe's learning rate. Default: the trainer's ``learning_rate`` (2e-5,
             the paper's, outside a trainer).
         probe: ``"sketch"`` (default): the memory-bounded probe of ``sketch_probe.py`` (per-neuron state only,
