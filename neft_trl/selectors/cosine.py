@@ -88,8 +88,7 @@ class CosineSelector(NeuronSelector):
             scores = cosine_scores(context.neuron_map, _change_sums(change))
             del reference
         elif self.probe == "full":
-            steps = self.probe_steps or default_probe_steps(context)
-            result = run_probe(context, steps, self.probe_learning_rate)
+            result = run_probe(context, self._probe_steps(context), self.probe_learning_rate)
             self.metadata.update(
                 probe="full", probe_steps=str(result.steps), probe_learning_rate=f"{result.learning_rate:g}",
                 probe_state_bytes=str(result.state_bytes),
@@ -98,8 +97,8 @@ class CosineSelector(NeuronSelector):
             scores = cosine_scores(context.neuron_map, _change_sums(lambda proj, weight: result.deltas[proj.name]))
             del result
         else:
-            steps = self.probe_steps or default_probe_steps(context)
-            sums, facts = run_sketch_probe(context, steps, self.probe_learning_rate, self.sketch_dim)
+            sums, facts = run_sketch_probe(context, self._probe_steps(context), self.probe_learning_rate,
+                                           self.sketch_dim)
             self.metadata.update(facts)
             scores = cosine_scores(context.neuron_map, lambda proj: sums[proj.name])
         if all(bool((s == 0).all()) for s in scores.values()):
@@ -108,6 +107,9 @@ class CosineSelector(NeuronSelector):
             raise ValueError(f"Selector 'cosine': every candidate scored cosine 1, so {how}; nothing to rank. "
                              "Give a fine-tuned reference_model, or raise probe_steps / probe_learning_rate.")
         return scores
+
+    def _probe_steps(self, context: SelectionContext) -> int:
+        return self.probe_steps or default_probe_steps(context)
 
 
 def cosine_scores(neuron_map: NeuronMap, dot_sums: DotSums) -> dict[str, torch.Tensor]:
