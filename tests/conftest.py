@@ -83,6 +83,7 @@ def torchrun(script: Path, out: Path, *script_args: str, nproc: int = 2) -> subp
                str(script), "--output_dir", str(out), *script_args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
+
 def rank_results(out: Path, rank: int) -> dict:
     """What a torchrun test script wrote for ``rank``: its JSON facts, saved tensors (``params``), neuron mask and,
     where it wrote them, selector scores (``scores``, else None)."""
@@ -99,7 +100,6 @@ def rank_results(out: Path, rank: int) -> dict:
     scores = Path(f"{prefix}_scores.safetensors")
     result["scores"] = load_file(scores) if scores.exists() else None
     return result
-
 
 
 @pytest.fixture(autouse=True)
