@@ -8,8 +8,8 @@ variant trains the same number of parameters as its plain method (and as LoRA at
 * ``fullprobe`` / ``sketchprobe`` (cosine): the paper's full-size probe / the memory-bounded sketch probe (default);
 * ``taylor`` / ``norm`` (gradient): importance ``|w . g|`` (the default) / ``||g||``;
 * ``mlpunit``: ``neuron_unit="mlp"``, row n of up and column n of down ranked as one unit;
-* ``perrole`` / ``perlayer``: ``neuron_scope="per_role"`` (the same share of up rows and of down columns, instead of
-  one global pool) / ``"per_layer"``;
+* ``perrole`` / ``perlayer`` / ``global``: ``neuron_scope="per_role"`` (the same share of up rows and of down
+  columns) / ``"per_layer"`` (the default: the same share in every layer) / ``"global"`` (the paper: one pool);
 * ``attn``: ``neuron_targets="mlp,attention"``, q/k/v rows and o columns are candidates too.
 """
 
@@ -30,6 +30,7 @@ _FIXED: dict[str, tuple[tuple[str, ...] | None, dict[str, Any], dict[str, Any]]]
     "mlpunit": (None, {"neuron_unit": "mlp"}, {}),
     "perrole": (None, {"neuron_scope": "per_role"}, {}),
     "perlayer": (None, {"neuron_scope": "per_layer"}, {}),
+    "global": (None, {"neuron_scope": "global"}, {}),
     "attn": (None, {"neuron_targets": "mlp,attention"}, {}),
 }
 VARIANTS = (*_FIXED, "probe<P>")

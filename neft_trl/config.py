@@ -14,7 +14,7 @@ from transformers.utils import is_torch_bf16_gpu_available
 from trl import SFTConfig
 
 from .attention import parse_targets
-from .budget import SCOPES, Budget
+from .budget import DEFAULT_NEURON_SCOPE, SCOPES, Budget
 from .errors import UsageError
 from .neurons import UNITS
 
@@ -51,11 +51,11 @@ class NeFTConfig(SFTConfig):
                           "is ranked on its own. 'mlp': row n of up/gate and column n of down form one unit."},
     )
     neuron_scope: str = field(
-        default="global",
-        metadata={"help": "'global' (the paper): rank all layers' candidates together. 'per_layer': keep the same "
-                          "share of candidates in every layer. 'per_role': the same share of every projection role "
-                          "(up, down, q, o, ...), pooled over layers. 'per_expert' (MoE models): the same share in "
-                          "every routed expert of every layer."},
+        default=DEFAULT_NEURON_SCOPE,
+        metadata={"help": "'per_layer' (the default): keep the same share of candidates in every layer. 'global' "
+                          "(the paper): rank all layers' candidates together. 'per_role': the same share of every "
+                          "projection role (up, down, q, o, ...), pooled over layers. 'per_expert' (MoE models): the "
+                          "same share in every routed expert of every layer."},
     )
     neuron_targets: str = field(
         default="mlp",

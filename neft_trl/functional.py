@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .attention import ROLES as ATTENTION_ROLES
-from .budget import Budget
+from .budget import DEFAULT_NEURON_SCOPE, Budget
 from .distributed import check_same_mask
 from .layers import parameter_count
 from .mask import NeuronMask
@@ -42,7 +42,7 @@ def select_neurons(
     num_neurons: int | None = None,
     seed: int = 0,
     neuron_unit: str = "vector",
-    neuron_scope: str = "global",
+    neuron_scope: str = DEFAULT_NEURON_SCOPE,
     include_gate: bool = False,
     neuron_modules: Mapping[str, str] | None = None,
     neuron_targets: str | tuple[str, ...] = "mlp",

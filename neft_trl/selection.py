@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .budget import select_top, validate_scores
+from .budget import DEFAULT_NEURON_SCOPE, select_top, validate_scores
 from .errors import ArgumentsError, UsageError
 from .layers import parameter_count
 from .mask import NeuronMask
@@ -30,7 +30,7 @@ def run_selector(
     context: SelectionContext,
     selector: str,
     selector_kwargs: Mapping[str, Any] | None = None,
-    scope: str = "global",
+    scope: str = DEFAULT_NEURON_SCOPE,
 ) -> NeuronMask:
     """Score every candidate neuron with the named selector and keep the budget's share of them.
 

@@ -51,20 +51,21 @@ def test_reference_picks_exactly_the_changed_neurons_in_order_of_change(arch):
     model = make_model(arch)
     reference = reference_with_known_changes(model, arch)
     expected = [(name, n) for name, _, n, _ in CHANGES[arch]]
-    # the 1e-6 change gives cosine 1 - ~1e-13, which fp32 cosine values cannot tell from an unchanged neuron
+    # the 1e-6 change gives cosine 1 - ~1e-13, which fp32 cosine values cannot tell from an unchanged neuron;
+    # the order holds across layers, so all layers are ranked in one pool (the paper's scope)
     for k in (3, 2, 1):
-        mask = run_selector(context(model, num_neurons=k), "cosine", {"reference_model": reference})
+        mask = run_selector(context(model, num_neurons=k), "cosine", {"reference_model": reference}, "global")
         assert chosen(mask) == set(expected[:k])
 
 
 def test_reference_from_a_folder_and_mlp_units(tmp_path):
     model = make_model("llama")
     reference_with_known_changes(model, "llama").save_pretrained(tmp_path / "ref")
-    mask = run_selector(context(model, num_neurons=3), "cosine", {"reference_model": str(tmp_path / "ref")})
+    mask = run_selector(context(model, num_neurons=3), "cosine", {"reference_model": str(tmp_path / "ref")}, "global")
     assert chosen(mask) == {(name, n) for name, _, n, _ in CHANGES["llama"]}
     assert mask.metadata["reference_model"] == str(tmp_path / "ref")
     kwargs = {"reference_model": str(tmp_path / "ref")}
-    units = run_selector(context(model, unit="mlp", num_neurons=3), "cosine", kwargs)
+    units = run_selector(context(model, unit="mlp", num_neurons=3), "cosine", kwargs, "global")
     assert {(name.rsplit(".", 2)[0], n) for name, n in chosen(units)} == {
         ("model.layers.0", 3), ("model.layers.1", 5), ("model.layers.1", 40)}
 

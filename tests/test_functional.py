@@ -79,6 +79,19 @@ def test_a_mask_from_another_model_names_the_shapes():
         apply_neurons(make_model("qwen2"), mask)
 
 
+def test_the_default_keeps_the_same_share_in_every_layer():
+    """Scores piled into one layer fill the paper's global pool with that layer; the default spreads them."""
+    model = make_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(10)
+        model.model.layers[1].mlp.down_proj.weight.mul_(10)
+    select = lambda **kw: select_neurons(model, _batches(2), "gradient", neuron_ratio=0.25, **kw)  # noqa: E731
+    default, pooled = select(), select(neuron_scope="global")
+    assert default.metadata["neuron_scope"] == "per_layer"
+    assert default.per_layer_counts() == {0: 24, 1: 24}
+    assert pooled.metadata["neuron_scope"] == "global" and pooled.per_layer_counts().get(0, 0) < 12
+
+
 def test_trainer_and_functional_api_train_the_same_weights(tmp_path):
     """One mechanism: the trainer's selection and training are the functional calls with the trainer's data."""
     args = tiny_args(tmp_path, selector="random", neuron_ratio=0.25, neft_mode="delta", max_steps=3,

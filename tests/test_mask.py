@@ -51,6 +51,28 @@ def test_neuron_ratio_and_per_layer_scope(llama):
     assert mask.per_layer_role_counts(candidates=True) == {layer: {"up": 48, "down": 48} for layer in (0, 1)}
 
 
+@pytest.mark.parametrize("scope", ["per_layer", "per_role"])
+def test_shared_budgets_add_up_to_the_budget(llama, scope):
+    """Per-pool shares are apportioned by largest remainder: 7 neurons over 2 pools are 4 + 3, not 4 + 4, and the
+    odd one goes to the pool whose next candidate scores best."""
+    model, nmap = llama
+    total = parameter_count(model)
+    scores = _scores(nmap)
+    mask = select_top(nmap, scores, Budget.resolve(num_neurons=7), total, scope=scope)
+    assert mask.num_selected == 7
+    counts = mask.per_layer_counts() if scope == "per_layer" else {
+        role: sum(r[role] for r in mask.per_layer_role_counts().values()) for role in ("up", "down")}
+    assert sorted(counts.values()) == [3, 4]
+    pools = mask.per_layer_counts().keys() if scope == "per_layer" else ("up", "down")
+    fourth_best = {pool: sorted(float(v) for g in nmap.groups for v in scores[g.key]
+                                if (g.layer if scope == "per_layer" else g.projections[0].role) == pool)[3]
+                   for pool in pools}
+    assert counts[min(fourth_best, key=fourth_best.get)] == 4
+    by_params = select_top(nmap, scores, Budget.resolve(param_ratio=0.05), total, scope=scope)
+    per_neuron = nmap.groups[0].params_per_neuron
+    assert 0.05 * total - per_neuron < by_params.trainable_parameters <= 0.05 * total
+
+
 def test_default_budget_is_the_papers_six_percent():
     assert Budget.resolve() == Budget(param_ratio=0.06)
 

@@ -104,7 +104,7 @@ def test_activation_picks_the_neuron_made_to_fire_hardest(arch):
     with torch.no_grad():
         modules[up_name].weight.select(1 - VECTOR_DIM[up_name.rsplit(".", 1)[1]], 9).mul_(50)  # in-neuron 9
     batches = make_batches(make_dataset(8)["text"])
-    mask = run_selector(context(model, batches, num_neurons=2), "activation")
+    mask = run_selector(context(model, batches, num_neurons=2), "activation", scope="global")  # both in one layer
     # its own output (the in-neuron) and the post-nonlinearity input of down (the out-neuron) both win
     assert {n: mask.indices(n).tolist() for n in mask.selected if mask.indices(n).numel()} == {
         up_name: [9], down_name: [9]}
