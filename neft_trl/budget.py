@@ -127,13 +127,14 @@ def select_top(
                          "use 'global' or 'per_layer'.")
     pools = [neuron_map.groups] if scope == "global" else _pools(neuron_map.groups, scope)
     share = amount / (neuron_map.num_candidates if kind == "neurons" else neuron_map.candidate_parameters)
+    target = round(amount) if kind == "neurons" else amount  # a count budget is a whole number of neurons
     ranked = [_RankedPool(pool, scores, keep == "highest", kind) for pool in pools]
     if scope == "global":
-        ranked[0].fill(round(amount) if kind == "neurons" else amount)
+        ranked[0].fill(target)
     else:
         for pool in ranked:
             pool.fill(share * pool.capacity)
-        _apportion_leftover(ranked, amount, keep == "highest")
+        _apportion_leftover(ranked, target, keep == "highest")
     chosen = {}
     for pool in ranked:
         chosen.update(pool.chosen())

@@ -68,6 +68,8 @@ def test_shared_budgets_add_up_to_the_budget(llama, scope):
                                 if (g.layer if scope == "per_layer" else g.projections[0].role) == pool)[3]
                    for pool in pools}
     assert counts[min(fourth_best, key=fourth_best.get)] == 4
+    ratio = select_top(nmap, scores, Budget.resolve(neuron_ratio=0.05), total, scope=scope)  # 9.6 of 192: 10
+    assert ratio.num_selected == select_top(nmap, scores, Budget.resolve(neuron_ratio=0.05), total).num_selected == 10
     by_params = select_top(nmap, scores, Budget.resolve(param_ratio=0.05), total, scope=scope)
     per_neuron = nmap.groups[0].params_per_neuron
     assert 0.05 * total - per_neuron < by_params.trainable_parameters <= 0.05 * total
