@@ -50,7 +50,7 @@ def test_scores_are_the_norms_of_the_neuron_vectors(p):
     up, down = "model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"
     assert torch.allclose(scores[up], mlp.up_proj.weight.norm(p=p, dim=1))
     assert torch.allclose(scores[down], mlp.down_proj.weight.norm(p=p, dim=0))
-    mask = run_selector(context, "magnitude")
+    mask = run_selector(context, "magnitude", scope="global")  # both neurons sit in layer 1: rank across layers
     assert mask.indices(up).tolist() == [5] and mask.indices(down).tolist() == [7]
 
 
