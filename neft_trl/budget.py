@@ -134,7 +134,7 @@ def select_top(
     else:
         for pool in ranked:
             pool.fill(share * pool.capacity)
-        _apportion_leftover(ranked, target, keep == "highest")
+        _apportion_leftover(ranked, target)
     chosen = {}
     for pool in ranked:
         chosen.update(pool.chosen())
@@ -147,7 +147,7 @@ class _RankedPool:
     count budget, its parameters for a parameter budget."""
 
     def __init__(self, groups: list[NeuronGroup], scores: Mapping[str, torch.Tensor], highest: bool, kind: str):
-        self.groups = groups
+        self.groups, self.highest = groups, highest
         self.flat = torch.cat([scores[g.key] for g in groups])
         self.order = torch.sort(self.flat, descending=highest, stable=True).indices
         sizes = torch.cat([torch.full((g.size,), g.params_per_neuron, dtype=torch.float64) for g in groups])
@@ -170,9 +170,11 @@ class _RankedPool:
         """Units of the best candidate not taken yet (infinite when none is left)."""
         return float(self.units[self.taken]) if self.taken < self.order.numel() else math.inf
 
-    def next_rank_key(self, highest: bool) -> float:
+    @property
+    def next_rank_key(self) -> float:
+        """Sorts the pools' next candidates best first, whichever way the scores rank."""
         score = float(self.flat[self.order[self.taken]])
-        return -score if highest else score
+        return -score if self.highest else score
 
     def chosen(self) -> dict[str, torch.Tensor]:
         keep = torch.zeros(self.flat.numel(), dtype=torch.bool)
@@ -180,7 +182,7 @@ class _RankedPool:
         return dict(zip([g.key for g in self.groups], keep.split([g.size for g in self.groups]), strict=True))
 
 
-def _apportion_leftover(pools: list[_RankedPool], amount: float, highest: bool) -> None:
+def _apportion_leftover(pools: list[_RankedPool], amount: float) -> None:
     """Give what each pool's share left over to the pools whose share was cut most (largest remainder).
 
     Each pool took what fits in its exact share, so the pools together fall short of the budget by less than
@@ -189,7 +191,7 @@ def _apportion_leftover(pools: list[_RankedPool], amount: float, highest: bool) 
     neurons over 2 layers: 4 + 3), a parameter budget to within one neuron, as with one global pool.
     """
     open_pools = [p for p in pools if p.next_units < math.inf]
-    open_pools.sort(key=lambda p: (-(p.quota - p.used) / p.next_units, p.next_rank_key(highest)))
+    open_pools.sort(key=lambda p: (-(p.quota - p.used) / p.next_units, p.next_rank_key))
     left = amount - sum(p.used for p in pools)
     for pool in open_pools:
         if pool.next_units <= left + 1e-6:
