@@ -8,6 +8,7 @@ variant trains the same number of parameters as its plain method (and as LoRA at
 * ``fullprobe`` / ``sketchprobe`` (cosine): the paper's full-size probe / the memory-bounded sketch probe (default);
 * ``taylor`` / ``norm`` (gradient): importance ``|w . g|`` (the default) / ``||g||``;
 * ``mlpunit``: ``neuron_unit="mlp"``, row n of up and column n of down ranked as one unit;
+* ``gate``: ``include_gate=True``, gate rows are candidates too (with ``mlpunit``: the whole SwiGLU channel);
 * ``perrole`` / ``perlayer`` / ``global``: ``neuron_scope="per_role"`` (the same share of up rows and of down
   columns) / ``"per_layer"`` (the default: the same share in every layer) / ``"global"`` (the paper: one pool);
 * ``attn``: ``neuron_targets="mlp,attention"``, q/k/v rows and o columns are candidates too.
@@ -28,6 +29,7 @@ _FIXED: dict[str, tuple[tuple[str, ...] | None, dict[str, Any], dict[str, Any]]]
     "taylor": (("gradient",), {}, {"importance": "taylor"}),
     "norm": (("gradient",), {}, {"importance": "norm"}),
     "mlpunit": (None, {"neuron_unit": "mlp"}, {}),
+    "gate": (None, {"include_gate": True}, {}),
     "perrole": (None, {"neuron_scope": "per_role"}, {}),
     "perlayer": (None, {"neuron_scope": "per_layer"}, {}),
     "global": (None, {"neuron_scope": "global"}, {}),
