@@ -25,7 +25,7 @@ from neft_trl.budget import Budget
 from neft_trl.estimate import lora_parameters_per_rank, lora_rank_for  # noqa: F401  (re-exported for the driver)
 from neft_trl.estimate import neft_trainable_parameters as _neft_trainable
 from neft_trl.layers import parameter_count
-from neft_trl.neurons import build_neuron_map
+from neft_trl.neurons import DEFAULT_NEURON_UNIT, build_neuron_map
 
 from .variants import check_variant
 
@@ -95,20 +95,20 @@ def ablation_methods(installed_selectors: list[str]) -> list[str]:
     """The ablation study at equal trainable parameters: full FT and LoRA, then one NeFT change per row.
 
     Cosine probe length (1%, 5%, 20% of the run, and the default), full vs sketch probe, gradient taylor vs
-    norm, activation, random, the ``magnitude`` plugin where installed, ``neuron_unit`` mlp, one global pool (the
-    paper) and per-role shares instead of per-layer ones, and attention neurons (with cosine and random selection).
+    norm, activation, random, the ``magnitude`` plugin where installed, ``neuron_unit`` vector (the paper), whole
+    SwiGLU channels (gate rows too), one global pool (the paper) and per-role shares instead of per-layer ones, and attention neurons (with cosine and random selection).
     """
     names = ["full", "lora", "neft-delta-cosine", "neft-delta-cosine+probe1", "neft-delta-cosine+probe5",
              "neft-delta-cosine+probe20", "neft-delta-cosine+fullprobe", "neft-delta-gradient",
              "neft-delta-gradient+norm", "neft-delta-activation", "neft-delta-random"]
     if "magnitude" in installed_selectors:
         names.append("neft-delta-magnitude")
-    return names + ["neft-delta-cosine+mlpunit", "neft-delta-cosine+global", "neft-delta-cosine+perrole",
+    return names + ["neft-delta-cosine+vectorunit", "neft-delta-cosine+gate", "neft-delta-cosine+global", "neft-delta-cosine+perrole",
                     "neft-delta-cosine+attn", "neft-delta-random+attn"]
 
 
 def neft_trainable_parameters(
-    model: nn.Module, budget: Budget, unit: str = "vector", include_gate: bool = False
+    model: nn.Module, budget: Budget, unit: str = DEFAULT_NEURON_UNIT, include_gate: bool = False
 ) -> int:
     """Parameters NeFT trains under ``budget``, whatever the selector (see ``neft_trl.estimate``)."""
     return _neft_trainable(build_neuron_map(model, unit, include_gate), budget, parameter_count(model))

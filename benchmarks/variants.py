@@ -7,7 +7,8 @@ variant trains the same number of parameters as its plain method (and as LoRA at
 * ``probe<P>`` (cosine): the probe runs ``P`` percent of the run's steps (at least 1), e.g. ``probe1``, ``probe20``;
 * ``fullprobe`` / ``sketchprobe`` (cosine): the paper's full-size probe / the memory-bounded sketch probe (default);
 * ``taylor`` / ``norm`` (gradient): importance ``|w . g|`` (the default) / ``||g||``;
-* ``mlpunit``: ``neuron_unit="mlp"``, row n of up and column n of down ranked as one unit;
+* ``mlpunit`` / ``vectorunit``: ``neuron_unit="mlp"`` (the default: row n of up and column n of down ranked as one
+  unit, the MLP's channel n) / ``"vector"`` (the paper: every row and column ranked on its own);
 * ``gate``: ``include_gate=True``, gate rows are candidates too (with ``mlpunit``: the whole SwiGLU channel);
 * ``perrole`` / ``perlayer`` / ``global``: ``neuron_scope="per_role"`` (the same share of up rows and of down
   columns) / ``"per_layer"`` (the default: the same share in every layer) / ``"global"`` (the paper: one pool);
@@ -29,6 +30,7 @@ _FIXED: dict[str, tuple[tuple[str, ...] | None, dict[str, Any], dict[str, Any]]]
     "taylor": (("gradient",), {}, {"importance": "taylor"}),
     "norm": (("gradient",), {}, {"importance": "norm"}),
     "mlpunit": (None, {"neuron_unit": "mlp"}, {}),
+    "vectorunit": (None, {"neuron_unit": "vector"}, {}),
     "gate": (None, {"include_gate": True}, {}),
     "perrole": (None, {"neuron_scope": "per_role"}, {}),
     "perlayer": (None, {"neuron_scope": "per_layer"}, {}),

@@ -16,7 +16,7 @@ from trl import SFTConfig
 from .attention import parse_targets
 from .budget import DEFAULT_NEURON_SCOPE, SCOPES, Budget
 from .errors import UsageError
-from .neurons import UNITS
+from .neurons import DEFAULT_NEURON_UNIT, UNITS
 
 MODES = ("auto", "hooks", "delta")
 
@@ -46,9 +46,10 @@ class NeFTConfig(SFTConfig):
     )
     num_neurons: int | None = field(default=None, metadata={"help": "Budget as a number of candidate neurons."})
     neuron_unit: str = field(
-        default="vector",
-        metadata={"help": "What one candidate is. 'vector' (the paper): each up_proj row and each down_proj column "
-                          "is ranked on its own. 'mlp': row n of up/gate and column n of down form one unit."},
+        default=DEFAULT_NEURON_UNIT,
+        metadata={"help": "What one candidate is. 'mlp' (the default): row n of up/gate and column n of down form "
+                          "one unit, the MLP's channel n. 'vector' (the paper): each up_proj row and each down_proj "
+                          "column is ranked on its own."},
     )
     neuron_scope: str = field(
         default=DEFAULT_NEURON_SCOPE,

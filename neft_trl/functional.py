@@ -26,7 +26,7 @@ from .budget import DEFAULT_NEURON_SCOPE, Budget
 from .distributed import check_same_mask
 from .layers import parameter_count
 from .mask import NeuronMask
-from .neurons import NeuronMap, build_neuron_map
+from .neurons import DEFAULT_NEURON_UNIT, NeuronMap, build_neuron_map
 from .selection import run_selector
 from .selectors.base import Batch, SelectionContext
 from .training import NeuronTraining, build_training, resolve_mode
@@ -41,7 +41,7 @@ def select_neurons(
     neuron_ratio: float | None = None,
     num_neurons: int | None = None,
     seed: int = 0,
-    neuron_unit: str = "vector",
+    neuron_unit: str = DEFAULT_NEURON_UNIT,
     neuron_scope: str = DEFAULT_NEURON_SCOPE,
     include_gate: bool = False,
     neuron_modules: Mapping[str, str] | None = None,

@@ -9,8 +9,9 @@ Attention projections are candidates too with ``targets=("mlp", "attention")`` (
 q/k/v (or a fused qkv) and columns of o, roles ``"q"``, ``"k"``, ``"v"``, ``"qkv"``, ``"o"``.
 
 ``NeuronGroup`` is the unit that is scored and ranked: one projection's neurons (``unit="vector"``, the
-paper) or all projections of one MLP tied by index (``unit="mlp"``; in an attention module, the projections
-of equal width are tied: q with o, and k with v under grouped-query attention).
+paper) or all projections of one MLP tied by index (``unit="mlp"``, the MLP's channel: the default of ``NeFTConfig``
+and ``select_neurons``; in an attention module, the projections of equal width are tied: q with o, and k with v
+under grouped-query attention).
 
 Mixture-of-experts layers: each routed expert is an MLP of its own, so a candidate is (layer, expert, role,
 index). Fused 3-D experts (transformers 5) are reached through expert views (``experts.py``); per-expert
@@ -52,6 +53,8 @@ ARCHITECTURES: dict[str, dict[str, str]] = {
 }
 
 UNITS = ("vector", "mlp")
+#: What ``NeFTConfig`` and ``select_neurons`` rank by default: whole MLP channels (see the README's Results).
+DEFAULT_NEURON_UNIT = "mlp"
 
 
 @dataclass(frozen=True, eq=False)

@@ -40,8 +40,8 @@ def test_lora_rank_matches_the_neft_budget():
     model = make_model("llama")  # hidden 32, intermediate 48, 2 layers, 4 heads / 2 kv heads of 8
     # per layer: q 32+32, k 32+16, v 32+16, o 32+32, gate 32+48, up 32+48, down 48+32 = 464; lm_head excluded
     assert lora_parameters_per_rank(model) == 2 * 464
-    neft = neft_trainable_parameters(model, Budget.resolve(num_neurons=58))
-    assert neft == 58 * 32  # every candidate vector of this model holds hidden_size = 32 parameters
+    neft = neft_trainable_parameters(model, Budget.resolve(num_neurons=29))
+    assert neft == 29 * 64  # a candidate (an MLP channel: an up row and a down column) holds 2 x hidden = 64
     assert lora_rank_for(model, neft) == 2  # 1856 / 928
     assert lora_rank_for(model, 10) == 1
 
@@ -205,7 +205,7 @@ def test_quick_long_regime_with_every_new_option_on_the_tiny_model(tmp_path):
     """Long regime, second language, forgetting, and the ablation variants (attention neurons in hooks and delta
     mode, per-role shares, probe share, full probe, gradient norm, mlp unit) through the driver on the tiny Llama."""
     methods = ("lora,neft-delta-cosine+probe20+attn+perrole,neft-hooks-cosine+probe20+attn+perrole,"
-               "neft-delta-gradient+norm+mlpunit,neft-delta-cosine+fullprobe")
+               "neft-delta-gradient+norm+vectorunit,neft-delta-cosine+fullprobe")
     table, results = _compare(tmp_path, str(_tiny_model_dir(tmp_path)), methods, "--param_ratio", "0.1",
                               "--regime", "long", "--lang", "fr")
     attn = results["neft-delta-cosine+probe20+attn+perrole"]["runs"][0]
@@ -218,7 +218,7 @@ def test_quick_long_regime_with_every_new_option_on_the_tiny_model(tmp_path):
     assert attn["forgetting"] == pytest.approx(attn["prose_loss_after"] - attn["prose_loss_before"])
     assert attn["eval_loss_after"] == pytest.approx(hooks["eval_loss_after"], abs=1e-4)  # same weights train
     assert attn["trainable_parameters"] == hooks["trainable_parameters"] <= attn["neft_budget_parameters"]
-    for name in ("neft-delta-gradient+norm+mlpunit", "neft-delta-cosine+fullprobe"):
+    for name in ("neft-delta-gradient+norm+vectorunit", "neft-delta-cosine+fullprobe"):
         run = results[name]["runs"][0]
         assert run["eval_loss_after"] < run["eval_loss_before"] and run["variants"] == name.split("+")[1:]
     assert "| forgetting |" in table and "Pareto front" in table and "Forgetting at matched test loss" in table

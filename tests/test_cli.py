@@ -52,13 +52,13 @@ def test_console_script_is_declared():
 
 def test_select_writes_the_mask_report_and_plots(workdir):
     a, b = NeuronMask.load(workdir / "a.safetensors"), NeuronMask.load(workdir / "b.safetensors")
-    assert a.num_selected == 40 and a.metadata["selector"] == "random" and a.metadata["seed"] == "3"
+    assert a.num_selected == 2 * 40 and a.metadata["selector"] == "random" and a.metadata["seed"] == "3"
     assert b.num_selected == round(0.25 * b.num_total) and a != b
     assert a.num_total == 2 * 2 * 48  # 2 layers x (up rows + down columns) x intermediate 48
     total = sum(p.numel() for p in make_model("llama").parameters())
     assert a.metadata["model_parameters"] == str(total)  # so reports can show the paper's x% later
     out = (workdir / "select_a.out").read_text()
-    assert "| 40 | 20.83% |" in out  # 40 of 192 candidates
+    assert "| 80 | 41.67% |" in out  # 40 MLP channels = 80 of the 192 neuron vectors
     for layer, count in a.per_layer_counts().items():
         assert f"| {layer} | " in out and f" | {count} | " in out
     for png in ("a_heatmap.png", "a_layers.png"):
@@ -145,7 +145,7 @@ def test_bad_setup_exits_2_with_one_line(workdir, tmp_path, capsys):
                str(tmp_path / "short.safetensors")], "does not fit this model"),
              (["select", *model], "--dataset_name is required"),
              (["select", *model, "--dataset_name", str(workdir / "data.jsonl"), "--selector", "random",
-               "--num_neurons", "100000"], "exceeds the 192 candidate neurons"),  # found while selecting
+               "--num_neurons", "100000"], "exceeds the 96 candidate neurons"),  # found while selecting
              (["select", *model, "--dataset_name", str(workdir / "data.jsonl"), "--selector", "random",
                "--selector_kwargs", '{"colour": "red"}'],
               "Bad selector_kwargs ['colour'] for selector random")]

@@ -75,7 +75,8 @@ def test_an_installed_third_party_plugin_is_discovered_and_used(plugin_on_path, 
     expected = sorted((name, n) for _, name, n in sorted(norms, reverse=True)[:6])
 
     trainer = NeFTSFTTrainer(model, make_dataset(), selector="magnitude", processing_class=make_tokenizer(),
-                             args=tiny_args(tmp_path, num_neurons=6, max_steps=1))
+                             args=tiny_args(tmp_path, num_neurons=6, max_steps=1, neuron_unit="vector",
+                                            neuron_scope="global"))  # the expectation ranks vectors, all layers
     trainer.train()
     mask = trainer.neuron_mask
     assert mask.metadata["selector"] == "magnitude"

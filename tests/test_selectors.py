@@ -69,7 +69,8 @@ def test_builtin_counts_determinism_and_untouched_model(tmp_path, selector, arch
     first = trainer(tmp_path / "a", arch, selector)
     before = snapshot(first.model)
     mask = first.select_neurons()
-    assert mask.num_selected == 7 and sum(mask.per_layer_counts().values()) == 7
+    # 7 candidates of the default unit, an MLP channel: 7 up rows and the 7 matching down columns
+    assert mask.num_selected == 2 * 7 and sum(mask.per_layer_counts().values()) == 2 * 7
     assert mask.metadata["selector"] == selector and mask.metadata["selector_package"] == "neft-trl"
     assert_untouched(first.model, before)
     assert first.optimizer is None

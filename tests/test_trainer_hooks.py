@@ -48,7 +48,8 @@ def test_frozen_neurons_bit_identical_with_decay_clipping_accumulation(tmp_path,
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _train(tmp_path, model, weight_decay=0.1, max_grad_norm=0.5, gradient_accumulation_steps=2,
                      neuron_ratio=0.2)
-    assert trainer.neuron_mask.num_selected == round(0.2 * trainer.neuron_map.num_candidates)
+    units = sum(int(trainer.neuron_mask.selected[g.projections[0].name].sum()) for g in trainer.neuron_map.groups)
+    assert units == round(0.2 * trainer.neuron_map.num_candidates)  # the default unit: one MLP channel
     assert_only_selected_changed(trainer, before)
     in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
@@ -168,7 +169,7 @@ def test_bad_inputs(tmp_path):
         tiny_args(tmp_path, neft_mode="lora")
     with pytest.raises(ValueError, match="remove peft_config"):
         NeFTSFTTrainer(model, ds, selector="random", args=tiny_args(tmp_path), peft_config=object())
-    with pytest.raises(ValueError, match="exceeds the 192 candidate neurons"):  # at construction, not after hours
+    with pytest.raises(ValueError, match="exceeds the 96 candidate neurons"):  # at construction, not after hours
         NeFTSFTTrainer(model, ds, selector="random", args=tiny_args(tmp_path, num_neurons=10_000), processing_class=tok)
 
 

@@ -63,7 +63,8 @@ def test_a_neft_run_with_the_plugin_trains_only_the_selected_neurons(tmp_path):
     trainer = NeFTSFTTrainer(model, data, selector="magnitude", args=args, processing_class=tokenizer())
     trainer.train()
     mask = trainer.neuron_mask
-    assert mask.metadata["selector"] == "magnitude" and mask.num_selected == 4
+    # 4 candidates of the default unit, an MLP channel: an up row and a down column each
+    assert mask.metadata["selector"] == "magnitude" and mask.num_selected == 2 * 4
     model = trainer.neuron_training.merge()  # the default (delta) mode: fold the trained deltas into the weights
     for name, selected in mask.selected.items():
         weight = dict(model.named_parameters())[f"{name}.weight"]
