@@ -96,15 +96,16 @@ def ablation_methods(installed_selectors: list[str]) -> list[str]:
 
     Cosine probe length (1%, 5%, 20% of the run, and the default), full vs sketch probe, gradient taylor vs
     norm, activation, random, the ``magnitude`` plugin where installed, ``neuron_unit`` vector (the paper), whole
-    SwiGLU channels (gate rows too), one global pool (the paper) and per-role shares instead of per-layer ones, and attention neurons (with cosine and random selection).
+    SwiGLU channels (gate rows too), one global pool (the paper) and per-role shares instead of per-layer ones,
+    and attention neurons (with cosine and random selection).
     """
     names = ["full", "lora", "neft-delta-cosine", "neft-delta-cosine+probe1", "neft-delta-cosine+probe5",
              "neft-delta-cosine+probe20", "neft-delta-cosine+fullprobe", "neft-delta-gradient",
              "neft-delta-gradient+norm", "neft-delta-activation", "neft-delta-random"]
     if "magnitude" in installed_selectors:
         names.append("neft-delta-magnitude")
-    return names + ["neft-delta-cosine+vectorunit", "neft-delta-cosine+gate", "neft-delta-cosine+global", "neft-delta-cosine+perrole",
-                    "neft-delta-cosine+attn", "neft-delta-random+attn"]
+    return names + ["neft-delta-cosine+vectorunit", "neft-delta-cosine+gate", "neft-delta-cosine+global",
+                    "neft-delta-cosine+perrole", "neft-delta-cosine+attn", "neft-delta-random+attn"]
 
 
 def neft_trainable_parameters(
