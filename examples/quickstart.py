@@ -125,9 +125,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     mask = trainer.neuron_mask
     selection_seconds = float(mask.metadata.get("selection_seconds", "nan"))
     step_median = statistics.median(timer.seconds) if timer.seconds else float("nan")
-    share = mask.trainable_parameters / model.num_parameters()
-    print(f"trained {mask.num_selected:,} of {mask.num_total:,} neurons = {mask.trainable_parameters:,} parameters "
-          f"({share:.1%} of the model); selection {selection_seconds:.0f}s, median step {step_median:.2f}s, "
+    share = mask.trainable_parameters / int(mask.metadata["model_parameters"])  # of the model before its deltas
+    print(f"trained {mask.num_selected:,} of {mask.num_total:,} neuron vectors = {mask.trainable_parameters:,} "
+          f"parameters ({share:.1%} of the model); selection {selection_seconds:.0f}s, median step {step_median:.2f}s, "
           f"training total {train_seconds:.0f}s")
 
     print("== 5. After fine-tuning")
