@@ -29,6 +29,7 @@ from neft_trl.demo.data import language_name
 from neft_trl.demo.evaluation import evaluate_translations
 from neft_trl.demo.measure import StepTimer
 from neft_trl.demo.models import load_model_and_tokenizer
+from neft_trl.report import summarize
 
 
 @dataclass
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     mask = trainer.neuron_mask
     selection_seconds = float(mask.metadata.get("selection_seconds", "nan"))
     step_median = statistics.median(timer.seconds) if timer.seconds else float("nan")
-    share = mask.trainable_parameters / int(mask.metadata["model_parameters"])  # of the model before its deltas
+    share = summarize(mask).parameter_share  # of the model as selected, before its deltas
     print(f"trained {mask.num_selected:,} of {mask.num_total:,} neuron vectors = {mask.trainable_parameters:,} "
           f"parameters ({share:.1%} of the model); selection {selection_seconds:.0f}s, median step {step_median:.2f}s, "
           f"training total {train_seconds:.0f}s")
