@@ -44,7 +44,9 @@ class NeFTConfig(SFTConfig):
     neuron_ratio: float | None = field(
         default=None, metadata={"help": "Budget as a share of the candidate neurons (0.1 = a tenth of them)."}
     )
-    num_neurons: int | None = field(default=None, metadata={"help": "Budget as a number of candidate neurons."})
+    num_neurons: int | None = field(
+        default=None, metadata={"help": "Budget as a number of candidates (with neuron_unit='mlp': MLP channels)."}
+    )
     neuron_unit: str = field(
         default=DEFAULT_NEURON_UNIT,
         metadata={"help": "What one candidate is. 'mlp' (the default): row n of up/gate and column n of down form "
