@@ -24,8 +24,6 @@ from .neurons import NeuronGroup, NeuronMap
 
 DEFAULT_PARAM_RATIO = 0.06
 SCOPES = ("global", "per_layer", "per_role", "per_expert")
-#: What a count of candidates means under each unit, for the budget's errors (masks count neuron vectors).
-_UNIT_NOTE = {"mlp": ": one candidate is a whole MLP channel, counted once for its up row and down column"}
 #: The default of ``NeFTConfig.neuron_scope`` and ``select_neurons``. The paper pools all layers; on the
 #: benchmark the cosine ranking then piles the budget into a few middle layers, and the same share in every
 #: layer reached a lower test loss at the same forgetting (README "Results").
@@ -68,7 +66,7 @@ class Budget:
             if self.num_neurons > neuron_map.num_candidates:
                 raise UsageError(
                     f"num_neurons={self.num_neurons} exceeds the {neuron_map.num_candidates} candidate neurons of "
-                    f"this model (neuron_unit={neuron_map.unit!r}{_UNIT_NOTE.get(neuron_map.unit, '')}); lower it or "
+                    f"this model (neuron_unit={neuron_map.unit!r}: {neuron_map.describe_candidate()}); lower it or "
                     "use neuron_ratio."
                 )
             return "neurons", float(self.num_neurons)

@@ -168,6 +168,13 @@ class NeuronMap:
     def num_candidates(self) -> int:
         return sum(g.size for g in self.groups)
 
+    def describe_candidate(self) -> str:
+        """What one counted candidate is, for messages that count them (masks and reports count neuron vectors)."""
+        if self.unit == "vector":
+            return "one candidate is one neuron vector"
+        ties = dict.fromkeys("+".join(p.role for p in g.projections) for g in self.groups)
+        return f"one candidate is index n of {' / '.join(ties)} taken together, counted once"
+
     @property
     def candidate_parameters(self) -> int:
         return sum(g.size * g.params_per_neuron for g in self.groups)

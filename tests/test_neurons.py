@@ -57,6 +57,8 @@ def test_gate_and_mlp_units():
     assert tied.groups[0].key == "model.layers.0.mlp"
     assert tied.groups[0].params_per_neuron == 3 * 32
     assert tied.num_candidates == 2 * 48
+    assert tied.describe_candidate() == "one candidate is index n of up+gate+down taken together, counted once"
+    assert nmap.describe_candidate() == "one candidate is one neuron vector"
 
 
 def test_unknown_architecture_names_the_override():
