@@ -12,7 +12,9 @@ variant trains the same number of parameters as its plain method (and as LoRA at
 * ``gate``: ``include_gate=True``, gate rows are candidates too (with ``mlpunit``: the whole SwiGLU channel);
 * ``perrole`` / ``perlayer`` / ``global``: ``neuron_scope="per_role"`` (the same share of up rows and of down
   columns) / ``"per_layer"`` (the default: the same share in every layer) / ``"global"`` (the paper: one pool);
-* ``attn``: ``neuron_targets="mlp,attention"``, q/k/v rows and o columns are candidates too.
+* ``attn``: ``neuron_targets="mlp,attention"``, q/k/v rows and o columns are candidates too;
+* ``protect<P>``: ``protect_ratio=P/100``, each layer's P percent most active channels are never selected, e.g.
+  ``protect5`` (``protect0``: none).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _PROBE_SHARE = re.compile(r"probe(\d+(?:\.\d+)?)")
+_PROTECT_SHARE = re.compile(r"protect(\d+(?:\.\d+)?)")
 #: variant -> (selectors it applies to (None: any), NeFTConfig fields, selector kwargs)
 _FIXED: dict[str, tuple[tuple[str, ...] | None, dict[str, Any], dict[str, Any]]] = {
     "fullprobe": (("cosine",), {}, {"probe": "full"}),
@@ -37,7 +40,7 @@ _FIXED: dict[str, tuple[tuple[str, ...] | None, dict[str, Any], dict[str, Any]]]
     "global": (None, {"neuron_scope": "global"}, {}),
     "attn": (None, {"neuron_targets": "mlp,attention"}, {}),
 }
-VARIANTS = (*_FIXED, "probe<P>")
+VARIANTS = (*_FIXED, "probe<P>", "protect<P>")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ def check_variant(variant: str, selector: str) -> None:
     """A ValueError naming the valid variants if ``variant`` is unknown or does not apply to ``selector``."""
     if _PROBE_SHARE.fullmatch(variant):
         selectors: tuple[str, ...] | None = ("cosine",)
+    elif _PROTECT_SHARE.fullmatch(variant):
+        selectors = None
     elif variant in _FIXED:
         selectors = _FIXED[variant][0]
     else:
@@ -66,9 +71,11 @@ def overrides(variants: tuple[str, ...], max_steps: int) -> Overrides:
     config: dict[str, Any] = {}
     kwargs: dict[str, Any] = {}
     for variant in variants:
-        share = _PROBE_SHARE.fullmatch(variant)
+        share, protect = _PROBE_SHARE.fullmatch(variant), _PROTECT_SHARE.fullmatch(variant)
         if share:
             fields, extra = {}, {"probe_steps": max(1, math.floor(float(share.group(1)) / 100 * max_steps + 0.5))}
+        elif protect:
+            fields, extra = {"protect_ratio": float(protect.group(1)) / 100}, {}
         else:
             _, fields, extra = _FIXED[variant]
         for target, values in ((config, fields), (kwargs, extra)):

@@ -116,8 +116,13 @@ def select_top(
     keep: str = "lowest",
     scope: str = "global",
     metadata: Mapping[str, str] | None = None,
+    excluded: Mapping[str, torch.Tensor] | None = None,
 ) -> NeuronMask:
-    """Rank validated scores and keep the best candidates within the budget (ties: lower index first)."""
+    """Rank validated scores and keep the best candidates within the budget (ties: lower index first).
+
+    ``excluded`` (group key -> bool per candidate) marks candidates that are never kept (``protect_ratio``); the
+    budget still counts shares of all candidates, so protection changes which neurons are trained, not how many.
+    """
     if keep not in ("lowest", "highest"):
         raise ValueError(f"keep must be 'lowest' or 'highest', got {keep!r}.")
     if scope not in SCOPES:
@@ -129,7 +134,9 @@ def select_top(
     pools = [neuron_map.groups] if scope == "global" else _pools(neuron_map.groups, scope)
     share = amount / (neuron_map.num_candidates if kind == "neurons" else neuron_map.candidate_parameters)
     target = round(amount) if kind == "neurons" else amount  # a count budget is a whole number of neurons
-    ranked = [_RankedPool(pool, scores, keep == "highest", kind) for pool in pools]
+    ranked = [_RankedPool(pool, scores, keep == "highest", kind, excluded) for pool in pools]
+    for pool in ranked:
+        pool.check_room(target if scope == "global" else share * pool.capacity)
     if scope == "global":
         ranked[0].fill(target)
     else:
@@ -147,20 +154,33 @@ class _RankedPool:
     """One pool's candidates in rank order and how many of them are taken; ``units`` per candidate: 1 for a
     count budget, its parameters for a parameter budget."""
 
-    def __init__(self, groups: list[NeuronGroup], scores: Mapping[str, torch.Tensor], highest: bool, kind: str):
+    def __init__(self, groups: list[NeuronGroup], scores: Mapping[str, torch.Tensor], highest: bool, kind: str,
+                 excluded: Mapping[str, torch.Tensor] | None = None):
         self.groups, self.highest = groups, highest
         self.flat = torch.cat([scores[g.key] for g in groups])
-        self.order = torch.sort(self.flat, descending=highest, stable=True).indices
+        order = torch.sort(self.flat, descending=highest, stable=True).indices
+        barred = torch.cat([excluded[g.key] for g in groups]) if excluded else torch.zeros(len(order), dtype=torch.bool)
+        self.order = order[torch.sort(barred[order].byte(), stable=True).indices]  # excluded last, rank order kept
+        self.eligible = int((~barred).sum())
         sizes = torch.cat([torch.full((g.size,), g.params_per_neuron, dtype=torch.float64) for g in groups])
         self.units = torch.ones_like(sizes) if kind == "neurons" else sizes[self.order]
-        self.capacity = float(self.units.sum())
+        self.capacity = float(self.units.sum())  # of all candidates: a share of the pool counts the excluded too
         self.quota = 0.0
         self.taken = 0
 
+    def check_room(self, quota: float) -> None:
+        """Excluded candidates must leave room for the pool's part of the budget."""
+        room = float(self.units[: self.eligible].sum())
+        if quota > room + 1e-6:
+            where = self.groups[0].key if len(self.groups) == 1 else f"{self.groups[0].key} .. {self.groups[-1].key}"
+            raise UsageError(f"The budget asks {quota / self.capacity:.1%} of the candidates of {where}, but "
+                             f"protect_ratio leaves only {room / self.capacity:.1%} of them selectable: lower "
+                             "protect_ratio or the budget.")
+
     def fill(self, quota: float) -> None:
-        """Take the longest prefix of the ranking whose units fit in ``quota``."""
+        """Take the longest prefix of the ranking whose units fit in ``quota`` (excluded candidates never)."""
         self.quota = quota
-        self.taken = int((torch.cumsum(self.units, 0) <= quota + 1e-6).sum())
+        self.taken = min(self.eligible, int((torch.cumsum(self.units, 0) <= quota + 1e-6).sum()))
 
     @property
     def used(self) -> float:
@@ -169,7 +189,7 @@ class _RankedPool:
     @property
     def next_units(self) -> float:
         """Units of the best candidate not taken yet (infinite when none is left)."""
-        return float(self.units[self.taken]) if self.taken < self.order.numel() else math.inf
+        return float(self.units[self.taken]) if self.taken < self.eligible else math.inf
 
     @property
     def next_rank_key(self) -> float:

@@ -17,6 +17,7 @@ from .attention import parse_targets
 from .budget import DEFAULT_NEURON_SCOPE, SCOPES, Budget
 from .errors import UsageError
 from .neurons import DEFAULT_NEURON_UNIT, UNITS
+from .protection import DEFAULT_PROTECT_RATIO, check_protect_ratio
 
 MODES = ("auto", "hooks", "delta")
 
@@ -74,6 +75,12 @@ class NeFTConfig(SFTConfig):
         metadata={"help": "Child names of the MLP projections for architectures neft_trl does not know, as a dict "
                           'or JSON string: {"up": "w1", "gate": "w3", "down": "w2"}.'},
     )
+    protect_ratio: float = field(
+        default=DEFAULT_PROTECT_RATIO,
+        metadata={"help": "Share of each layer's candidates that are never selected: the most active ones on the "
+                          "training data (mean |activation|), which general text relies on too. Training them costs "
+                          "the most forgetting (README 'Results'). 0 protects nothing."},
+    )
     neft_mode: str = field(
         default="auto",
         metadata={"help": "'hooks': train the selected rows/columns of the original weights through gradient hooks "
@@ -108,6 +115,7 @@ class NeFTConfig(SFTConfig):
         _check_choice("neuron_unit", self.neuron_unit, UNITS)
         _check_choice("neuron_scope", self.neuron_scope, SCOPES)
         _check_choice("neft_mode", self.neft_mode, MODES)
+        self.protect_ratio = check_protect_ratio(self.protect_ratio)
         self.neuron_targets = ",".join(parse_targets(self.neuron_targets))
         _ = self.budget  # validates the budget now, not at train time
 

@@ -27,6 +27,7 @@ from .distributed import check_same_mask
 from .layers import parameter_count
 from .mask import NeuronMask
 from .neurons import DEFAULT_NEURON_UNIT, NeuronMap, build_neuron_map
+from .protection import DEFAULT_PROTECT_RATIO
 from .selection import run_selector
 from .selectors.base import Batch, SelectionContext
 from .training import NeuronTraining, build_training, resolve_mode
@@ -47,6 +48,7 @@ def select_neurons(
     neuron_modules: Mapping[str, str] | None = None,
     neuron_targets: str | tuple[str, ...] = "mlp",
     attention_modules: Mapping[str, str] | None = None,
+    protect_ratio: float = DEFAULT_PROTECT_RATIO,
     compute_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
     show_progress: bool = True,
     **selector_kwargs: Any,
@@ -61,8 +63,8 @@ def select_neurons(
         param_ratio / neuron_ratio / num_neurons: the budget, as in ``NeFTConfig`` (default: 6% of all
             parameters, the paper's); set at most one.
         seed: seeds the selector's random draws; no RNG of the caller changes.
-        neuron_unit, neuron_scope, include_gate, neuron_modules, neuron_targets, attention_modules: as in
-            ``NeFTConfig``.
+        neuron_unit, neuron_scope, include_gate, neuron_modules, neuron_targets, attention_modules,
+            protect_ratio: as in ``NeFTConfig``.
         compute_loss: ``compute_loss(model, batch) -> loss``; default: the model's own ``outputs.loss``.
         **selector_kwargs: the selector's own options (e.g. ``probe_steps=20`` for cosine).
     """
@@ -73,7 +75,7 @@ def select_neurons(
         batches=batches if batches is None or callable(batches) else list(batches),
         compute_loss=compute_loss, show_progress=show_progress, total_parameters=parameter_count(model),
     )
-    return run_selector(context, selector, selector_kwargs, neuron_scope)
+    return run_selector(context, selector, selector_kwargs, neuron_scope, protect_ratio)
 
 
 def apply_neurons(

@@ -21,6 +21,7 @@ from .errors import ArgumentsError, UsageError
 from .layers import parameter_count
 from .mask import NeuronMask
 from .plugins import get_selector
+from .protection import protected_candidates
 from .selectors.base import SelectionContext
 
 logger = logging.getLogger("neft_trl")
@@ -31,8 +32,10 @@ def run_selector(
     selector: str,
     selector_kwargs: Mapping[str, Any] | None = None,
     scope: str = DEFAULT_NEURON_SCOPE,
+    protect_ratio: float = 0.0,
 ) -> NeuronMask:
-    """Score every candidate neuron with the named selector and keep the budget's share of them.
+    """Score every candidate neuron with the named selector and keep the budget's share of them, never one of the
+    ``protect_ratio`` most active candidates of a group (``protection.py``).
 
     The selector runs from ``context.seed`` without changing any RNG the caller draws from, and the model's
     train/eval mode is restored afterwards. A selector that leaves hooks, ``requires_grad`` flags or
@@ -54,6 +57,7 @@ def run_selector(
     before = _model_state(model)
     start = time.perf_counter()
     with preserved_rng_state(), _restored_mode(model):
+        protected = protected_candidates(context, protect_ratio)
         _seed_everything(context.seed)
         try:
             raw = instance.score(context)
@@ -68,7 +72,11 @@ def run_selector(
     total = context.total_parameters or parameter_count(model)
     meta = {**extra, "selector": info.name, "selector_package": info.package, "seed": str(context.seed),
             "model_parameters": str(total)}  # reports show the budget as the paper's share of the model
-    mask = select_top(context.neuron_map, scores, context.budget, total, keep=keep, scope=scope, metadata=meta)
+    if protected is not None:
+        meta.update(protect_ratio=f"{protect_ratio:g}", protected_candidates=str(sum(int(p.sum()) for p in
+                                                                                  protected.values())))
+    mask = select_top(context.neuron_map, scores, context.budget, total, keep=keep, scope=scope, metadata=meta,
+                      excluded=protected)
     mask.metadata["selection_seconds"] = f"{seconds:.3f}"
     logger.info("NeFT: selector %s scored %d candidates in %.1fs", label, context.neuron_map.num_candidates, seconds)
     log_mask(mask)

@@ -128,7 +128,8 @@ class NeFTSFTTrainer(SFTTrainer):
         # select_neurons restores the model's mode and every RNG; TRL's metric accumulators are the trainer's to keep
         saved_metrics = copy.deepcopy(getattr(self, "_metrics", None))
         saved_tokens = getattr(self, "_total_train_tokens", None)
-        mask = run_selector(context, self.args.selector, self.args.selector_kwargs, self.args.neuron_scope)
+        mask = run_selector(context, self.args.selector, self.args.selector_kwargs, self.args.neuron_scope,
+                            self.args.protect_ratio)
         if saved_metrics is not None:
             self._metrics = saved_metrics
         if saved_tokens is not None:

@@ -129,6 +129,7 @@ def test_variants_parse_into_settings_and_bad_ones_are_refused():
     assert overrides(("probe1",), max_steps=60).selector_kwargs == {"probe_steps": 1}  # at least one step
     assert overrides(("norm", "mlpunit"), 60) == type(o)({"neuron_unit": "mlp"}, {"importance": "norm"})
     assert overrides(("mlpunit", "gate"), 60).config == {"neuron_unit": "mlp", "include_gate": True}
+    assert overrides(parse_method("neft-delta-random+protect2.5").variants, 60).config == {"protect_ratio": 0.025}
     with pytest.raises(ValueError, match="Variant 'norm' configures the gradient selector, not 'cosine'"):
         parse_method("neft-delta-cosine+norm")
     with pytest.raises(ValueError, match="Unknown method variant 'atn'.*attn"):

@@ -54,49 +54,53 @@ class ActivationSelector(NeuronSelector):
         self.calibration_batches = check_batches(self.name, calibration_batches)
 
     def score(self, context: SelectionContext) -> dict[str, torch.Tensor]:
-        model = context.model
-        measured = self._measured_projections(context)
-        sums = {p.name: torch.zeros(p.num_neurons, dtype=torch.float64, device=p.module.weight.device)
-                for p in measured}
-        tokens = dict.fromkeys(sums, 0)
-        current: dict[str, torch.Tensor | None] = {"attention_mask": None}
-
-        def accumulate(proj: Projection, activation: torch.Tensor) -> None:
-            routed = getattr(proj.module, "token_index", None)  # an expert view: its routed tokens' positions
-            flat = flat_tokens(activation.detach(), current["attention_mask"], routed)
-            sums[proj.name] += flat.abs().sum(0, dtype=torch.float64).to(sums[proj.name].device)
-            tokens[proj.name] += flat.shape[0]
-
-        with torch.no_grad(), model_mode(model, training=False), removing([]) as handles:
-            for proj in measured:
-                if proj.is_input:
-                    handles.append(proj.module.register_forward_hook(
-                        lambda m, args, out, proj=proj: accumulate(proj, out)))
-                else:
-                    handles.append(proj.module.register_forward_pre_hook(
-                        lambda m, args, proj=proj: accumulate(proj, args[0])))
-            for batch in context.iter_batches(self.calibration_batches, self.name, "NeFT activation calibration"):
-                current["attention_mask"] = batch.get("attention_mask")
-                model(**forward_inputs(model, batch))
-        unrouted = {p.name for p in measured if is_expert_view(p.module)}  # an expert may get no tokens: score 0
-        if not all(n for name, n in tokens.items() if name not in unrouted):
-            missing = [name for name, n in tokens.items() if n == 0 and name not in unrouted][:3]
-            raise RuntimeError(f"No activations reached {missing}: the calibration batches hold no real tokens, "
-                               "or the model's forward pass does not run these MLPs.")
-        means = {name: (s / max(tokens[name], 1)).float().cpu() for name, s in sums.items()}
         self.metadata["calibration_batches"] = str(self.calibration_batches)
-        return {g.key: means[self._measured(g.projections).name] for g in context.neuron_map.groups}
+        return mean_activations(context, self.calibration_batches, self.name)
 
-    def _measured_projections(self, context: SelectionContext) -> list[Projection]:
-        return [self._measured(g.projections) for g in context.neuron_map.groups]
 
-    @staticmethod
-    def _measured(projections: tuple[Projection, ...]) -> Projection:
-        """A vector group is measured on its own projection; an ``mlp`` unit on its down projection's input (on
-        its first projection where a tied attention unit has no output projection, e.g. k with v)."""
-        if len(projections) == 1:
-            return projections[0]
-        return next((p for p in projections if not p.is_input), projections[0])
+def mean_activations(context: SelectionContext, calibration_batches: int, user: str) -> dict[str, torch.Tensor]:
+    """Mean |activation| of every candidate of every group over ``calibration_batches`` training batches, fp32 on
+    CPU, keyed by ``NeuronGroup.key``: the activation selector's score, and what ``protect_ratio`` protects.
+
+    ``user`` names who asked (a selector, or the protection), for the messages about missing batches.
+    """
+    model = context.model
+    measured = [_measured(g.projections) for g in context.neuron_map.groups]
+    sums = {p.name: torch.zeros(p.num_neurons, dtype=torch.float64, device=p.module.weight.device) for p in measured}
+    tokens = dict.fromkeys(sums, 0)
+    current: dict[str, torch.Tensor | None] = {"attention_mask": None}
+
+    def accumulate(proj: Projection, activation: torch.Tensor) -> None:
+        routed = getattr(proj.module, "token_index", None)  # an expert view: its routed tokens' positions
+        flat = flat_tokens(activation.detach(), current["attention_mask"], routed)
+        sums[proj.name] += flat.abs().sum(0, dtype=torch.float64).to(sums[proj.name].device)
+        tokens[proj.name] += flat.shape[0]
+
+    with torch.no_grad(), model_mode(model, training=False), removing([]) as handles:
+        for proj in measured:
+            if proj.is_input:
+                handles.append(proj.module.register_forward_hook(lambda m, args, out, proj=proj: accumulate(proj, out)))
+            else:
+                handles.append(proj.module.register_forward_pre_hook(
+                    lambda m, args, proj=proj: accumulate(proj, args[0])))
+        for batch in context.iter_batches(calibration_batches, user, f"NeFT activations ({user})"):
+            current["attention_mask"] = batch.get("attention_mask")
+            model(**forward_inputs(model, batch))
+    unrouted = {p.name for p in measured if is_expert_view(p.module)}  # an expert may get no tokens: score 0
+    if not all(n for name, n in tokens.items() if name not in unrouted):
+        missing = [name for name, n in tokens.items() if n == 0 and name not in unrouted][:3]
+        raise RuntimeError(f"No activations reached {missing}: the calibration batches hold no real tokens, "
+                           "or the model's forward pass does not run these MLPs.")
+    means = {name: (s / max(tokens[name], 1)).float().cpu() for name, s in sums.items()}
+    return {g.key: means[_measured(g.projections).name] for g in context.neuron_map.groups}
+
+
+def _measured(projections: tuple[Projection, ...]) -> Projection:
+    """A vector group is measured on its own projection; an ``mlp`` unit on its down projection's input (on its
+    first projection where a tied attention unit has no output projection, e.g. k with v)."""
+    if len(projections) == 1:
+        return projections[0]
+    return next((p for p in projections if not p.is_input), projections[0])
 
 
 @hookimpl

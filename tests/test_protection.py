@@ -1,0 +1,83 @@
+"""``protect_ratio``: each layer's most active candidates are never selected, the budget is unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_model
+
+from neft_trl import NeuronMask, select_neurons
+from neft_trl.budget import Budget
+from neft_trl.errors import UsageError
+from neft_trl.neurons import build_neuron_map
+from neft_trl.selectors.activation import mean_activations
+from neft_trl.selectors.base import SelectionContext
+
+
+def _batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 64, (2, 9), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
+def _activity_order(model, batches, unit: str) -> dict[str, torch.Tensor]:
+    """Each group's candidates, most active first, measured independently of the selection."""
+    neuron_map = build_neuron_map(model, unit)
+    context = SelectionContext(model=model, neuron_map=neuron_map, budget=Budget.resolve(neuron_ratio=0.1),
+                               batches=batches, show_progress=False)
+    means = mean_activations(context, 16, "test")
+    return {g.key: torch.sort(means[g.key], descending=True, stable=True).indices for g in neuron_map.groups}
+
+
+@pytest.mark.parametrize("unit", ["mlp", "vector"])
+def test_the_most_active_are_skipped_and_the_next_ones_taken(unit):
+    """The activation selector under protection keeps exactly the ranks just below the protected share, in every
+    group, and trains as many parameters as without protection."""
+    model, batches = make_model("llama"), _batches()
+    order = _activity_order(model, batches, unit)
+    plain = select_neurons(model, batches, "activation", neuron_ratio=0.25, neuron_unit=unit, show_progress=False)
+    guarded = select_neurons(model, batches, "activation", neuron_ratio=0.25, neuron_unit=unit, protect_ratio=0.3,
+                             show_progress=False)
+    assert guarded.trainable_parameters == plain.trainable_parameters
+    assert guarded.metadata["protect_ratio"] == "0.3"
+    neuron_map = build_neuron_map(model, unit)
+    protected_total = 0
+    for group in neuron_map.groups:
+        size, kept = group.size, guarded.selected[group.projections[0].name]
+        protected, wanted = math.ceil(0.3 * size), int(kept.sum())
+        protected_total += protected
+        expected = torch.zeros(size, dtype=torch.bool)
+        expected[order[group.key][protected:protected + wanted]] = True
+        assert torch.equal(kept, expected), group.key
+        assert not kept[order[group.key][:protected]].any()
+    assert guarded.metadata["protected_candidates"] == str(protected_total)
+    assert guarded != plain
+
+
+def test_protection_applies_to_any_selector_and_survives_save(tmp_path):
+    model, batches = make_model("qwen2"), _batches()
+    order = _activity_order(model, batches, "mlp")
+    mask = select_neurons(model, batches, "random", neuron_ratio=0.5, protect_ratio=0.25, seed=3, show_progress=False)
+    for group in build_neuron_map(model, "mlp").groups:
+        top = order[group.key][: math.ceil(0.25 * group.size)]
+        assert not mask.selected[group.projections[0].name][top].any()
+    loaded = NeuronMask.load(mask.save(tmp_path / "m.safetensors"))
+    assert loaded == mask and loaded.metadata["protect_ratio"] == "0.25"
+
+
+def test_bad_protection_names_the_fix():
+    model, batches = make_model("llama"), _batches()
+    with pytest.raises(UsageError, match=r"protect_ratio must be a share in \[0, 1\)"):
+        select_neurons(model, batches, "random", neuron_ratio=0.1, protect_ratio=1.0)
+    with pytest.raises(UsageError, match="set protect_ratio=0"):
+        select_neurons(model, None, "random", neuron_ratio=0.1, protect_ratio=0.1)
+    with pytest.raises(UsageError, match=r"asks 60\.\d% of the candidates of .*only 50\.0% of them selectable: lower "
+                                         "protect_ratio or the budget"):
+        select_neurons(model, batches, "random", neuron_ratio=0.6, protect_ratio=0.5, show_progress=False)
+    # without protection a data-free selector needs no batches
+    assert select_neurons(model, None, "random", neuron_ratio=0.1, protect_ratio=0).num_selected > 0
