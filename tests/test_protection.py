@@ -81,3 +81,32 @@ def test_bad_protection_names_the_fix():
         select_neurons(model, batches, "random", neuron_ratio=0.6, protect_ratio=0.5, show_progress=False)
     # without protection a data-free selector needs no batches
     assert select_neurons(model, None, "random", neuron_ratio=0.1, protect_ratio=0).num_selected > 0
+
+
+@pytest.mark.parametrize("mode", ["hooks", "delta"])
+def test_the_trainer_leaves_protected_channels_bit_identical(tmp_path, mode):
+    """Through the trainer (``NeFTConfig.protect_ratio``): the protected channels' weights do not change by a bit,
+    and the run's mask records the protection."""
+    from conftest import make_dataset, make_tokenizer, tiny_args
+
+    from neft_trl import NeFTSFTTrainer
+
+    model = make_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = tiny_args(tmp_path, selector="activation", neuron_ratio=0.25, protect_ratio=0.25, neft_mode=mode,
+                     weight_decay=0.1, selector_kwargs={"calibration_batches": 2})
+    trainer = NeFTSFTTrainer(model, make_dataset(), args=args, processing_class=make_tokenizer())
+    trainer.train()
+    if mode == "delta":
+        model = trainer.neuron_training.merge()
+    mask = trainer.neuron_mask
+    assert mask.metadata["protect_ratio"] == "0.25"
+    after = dict(model.named_parameters())
+    changed = 0
+    for name, kept in mask.selected.items():
+        weight, old = after[f"{name}.weight"].detach(), before[f"{name}.weight"]
+        dim = 0 if mask.info[name]["role"] in ("up", "gate") else 1
+        moved = (weight != old).any(dim=1 - dim)
+        assert not moved[~kept].any(), name  # every unselected (protected included) neuron is bit-identical
+        changed += int(moved[kept].sum())
+    assert changed > 0
