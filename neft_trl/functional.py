@@ -48,7 +48,7 @@ def select_neurons(
     neuron_modules: Mapping[str, str] | None = None,
     neuron_targets: str | tuple[str, ...] = "mlp",
     attention_modules: Mapping[str, str] | None = None,
-    protect_ratio: float = DEFAULT_PROTECT_RATIO,
+    protect_ratio: float | None = None,
     compute_loss: Callable[[nn.Module, Batch], torch.Tensor] | None = None,
     show_progress: bool = True,
     **selector_kwargs: Any,
@@ -63,8 +63,10 @@ def select_neurons(
         param_ratio / neuron_ratio / num_neurons: the budget, as in ``NeFTConfig`` (default: 6% of all
             parameters, the paper's); set at most one.
         seed: seeds the selector's random draws; no RNG of the caller changes.
-        neuron_unit, neuron_scope, include_gate, neuron_modules, neuron_targets, attention_modules,
-            protect_ratio: as in ``NeFTConfig``.
+        neuron_unit, neuron_scope, include_gate, neuron_modules, neuron_targets, attention_modules: as in
+            ``NeFTConfig``.
+        protect_ratio: as in ``NeFTConfig``; ``None``: its default where ``batches`` are given, 0 for a data-free
+            selection (``batches=None``), which has no activations to measure.
         compute_loss: ``compute_loss(model, batch) -> loss``; default: the model's own ``outputs.loss``.
         **selector_kwargs: the selector's own options (e.g. ``probe_steps=20`` for cosine).
     """
@@ -75,6 +77,8 @@ def select_neurons(
         batches=batches if batches is None or callable(batches) else list(batches),
         compute_loss=compute_loss, show_progress=show_progress, total_parameters=parameter_count(model),
     )
+    if protect_ratio is None:
+        protect_ratio = DEFAULT_PROTECT_RATIO if batches is not None else 0.0
     return run_selector(context, selector, selector_kwargs, neuron_scope, protect_ratio)
 
 

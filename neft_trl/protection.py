@@ -19,8 +19,9 @@ from .errors import UsageError
 from .selectors.activation import mean_activations
 from .selectors.base import SelectionContext
 
-#: The default share: 0 (off) until the benchmarks say otherwise.
-DEFAULT_PROTECT_RATIO = 0.0
+#: The default: 1% of each layer's candidates. On short runs it cut forgetting to about LoRA's at the same or a little
+#: worse test loss (En->Fr +0.084 -> +0.005 at 1.390, En->De +0.036 -> -0.012 at 1.584 -> 1.601; README "Results").
+DEFAULT_PROTECT_RATIO = 0.01
 #: Training batches whose activations decide what is protected (forward passes only, as the activation selector).
 PROTECT_BATCHES = 16
 
