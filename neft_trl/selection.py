@@ -73,8 +73,8 @@ def run_selector(
     meta = {**extra, "selector": info.name, "selector_package": info.package, "seed": str(context.seed),
             "model_parameters": str(total)}  # reports show the budget as the paper's share of the model
     if protected is not None:
-        meta.update(protect_ratio=f"{protect_ratio:g}", protected_candidates=str(sum(int(p.sum()) for p in
-                                                                                  protected.values())))
+        protected_count = sum(int(flags.sum()) for flags in protected.values())
+        meta.update(protect_ratio=f"{protect_ratio:g}", protected_candidates=str(protected_count))
     mask = select_top(context.neuron_map, scores, context.budget, total, keep=keep, scope=scope, metadata=meta,
                       excluded=protected)
     mask.metadata["selection_seconds"] = f"{seconds:.3f}"

@@ -60,6 +60,16 @@ def make_model(arch: str = "llama", seed: int = 0):
     return AutoModelForCausalLM.from_config(CONFIGS[arch]()).float()
 
 
+def make_token_batches(n: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``n`` collated causal-LM batches of random token ids (2 x 9, labels = inputs) for the functional API."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, 64, (2, 9), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return out
+
+
 def make_dataset(n: int = 32, seed: int = 0) -> Dataset:
     g = torch.Generator().manual_seed(seed)
     rows = []

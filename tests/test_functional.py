@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, make_dataset, make_model, make_tokenizer, tiny_args
+from conftest import ARCHITECTURES, make_dataset, make_model, make_token_batches, make_tokenizer, tiny_args
 
 from neft_trl import NeFTSFTTrainer, NeuronMask, apply_neurons, select_neurons
 from neft_trl.training.delta_io import DELTA_FILENAME
 
 
-def _batches(n: int = 3, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 64, (2, 9), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
-
-
 def _train(model, mask, mode, steps=3, weight_decay=0.1):
     handle = apply_neurons(model, mask, mode)
     optimizer = handle.make_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=weight_decay)
-    for batch in _batches(steps):
+    for batch in make_token_batches(steps):
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -35,7 +26,7 @@ def test_only_the_mask_trains_and_detach_restores_the_model(arch, mode):
     model = make_model(arch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    mask = select_neurons(model, _batches(2), "gradient", neuron_ratio=0.2, calibration_batches=2)
+    mask = select_neurons(model, make_token_batches(2), "gradient", neuron_ratio=0.2, calibration_batches=2)
     handle = _train(model, mask, mode)
     merged = handle.merge()  # delta: folded into the weights; hooks: the weights already hold the training
     assert merged is model and not any(".neft_delta." in n for n, _ in model.named_parameters())
@@ -55,7 +46,7 @@ def test_only_the_mask_trains_and_detach_restores_the_model(arch, mode):
 
 def test_detach_without_merge_gives_back_the_base_function():
     model = make_model("llama")
-    batch = _batches(1, seed=5)[0]
+    batch = make_token_batches(1, seed=5)[0]
     with torch.no_grad():
         expected = model(**batch).logits
     mask = select_neurons(model, None, "random", neuron_ratio=0.3, seed=1)
@@ -85,7 +76,7 @@ def test_the_default_keeps_the_same_share_in_every_layer():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight.mul_(10)
         model.model.layers[1].mlp.down_proj.weight.mul_(10)
-    select = lambda **kw: select_neurons(model, _batches(2), "gradient", neuron_ratio=0.25, **kw)  # noqa: E731
+    select = lambda **kw: select_neurons(model, make_token_batches(2), "gradient", neuron_ratio=0.25, **kw)  # noqa: E731
     default, pooled = select(), select(neuron_scope="global")
     assert default.metadata["neuron_scope"] == "per_layer"
     assert default.per_layer_counts() == {0: 24, 1: 24}

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, make_token_batches
 
 from neft_trl import NeuronMask, select_neurons
 from neft_trl.budget import Budget
@@ -16,17 +16,8 @@ from neft_trl.selectors.activation import mean_activations
 from neft_trl.selectors.base import SelectionContext
 
 
-def _batches(n: int = 3) -> list[dict[str, torch.Tensor]]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 64, (2, 9), generator=g)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return out
-
-
 def _activity_order(model, batches, unit: str) -> dict[str, torch.Tensor]:
-    """Each group's candidates, most active first, measured independently of the selection."""
+    """Each group's candidates, most active first, measured outside the selection (by the same function)."""
     neuron_map = build_neuron_map(model, unit)
     context = SelectionContext(model=model, neuron_map=neuron_map, budget=Budget.resolve(neuron_ratio=0.1),
                                batches=batches, show_progress=False)
@@ -38,7 +29,7 @@ def _activity_order(model, batches, unit: str) -> dict[str, torch.Tensor]:
 def test_the_most_active_are_skipped_and_the_next_ones_taken(unit):
     """The activation selector under protection keeps exactly the ranks just below the protected share, in every
     group, and trains as many parameters as without protection."""
-    model, batches = make_model("llama"), _batches()
+    model, batches = make_model("llama"), make_token_batches()
     order = _activity_order(model, batches, unit)
     plain = select_neurons(model, batches, "activation", neuron_ratio=0.25, neuron_unit=unit, show_progress=False)
     guarded = select_neurons(model, batches, "activation", neuron_ratio=0.25, neuron_unit=unit, protect_ratio=0.3,
@@ -60,7 +51,7 @@ def test_the_most_active_are_skipped_and_the_next_ones_taken(unit):
 
 
 def test_protection_applies_to_any_selector_and_survives_save(tmp_path):
-    model, batches = make_model("qwen2"), _batches()
+    model, batches = make_model("qwen2"), make_token_batches()
     order = _activity_order(model, batches, "mlp")
     mask = select_neurons(model, batches, "random", neuron_ratio=0.5, protect_ratio=0.25, seed=3, show_progress=False)
     for group in build_neuron_map(model, "mlp").groups:
@@ -71,7 +62,7 @@ def test_protection_applies_to_any_selector_and_survives_save(tmp_path):
 
 
 def test_bad_protection_names_the_fix():
-    model, batches = make_model("llama"), _batches()
+    model, batches = make_model("llama"), make_token_batches()
     with pytest.raises(UsageError, match=r"protect_ratio must be a share in \[0, 1\)"):
         select_neurons(model, batches, "random", neuron_ratio=0.1, protect_ratio=1.0)
     with pytest.raises(UsageError, match="set protect_ratio=0"):
