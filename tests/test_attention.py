@@ -180,13 +180,13 @@ def mask_markdown(mask: NeuronMask) -> str:
                                                   ("activation", {"calibration_batches": 2})])
 @pytest.mark.parametrize("unit", ["vector", "mlp"])
 def test_data_driven_selectors_score_attention_neurons(selector, kwargs, unit):
-    from test_functional import _batches
+    from conftest import make_token_batches
 
     from neft_trl import select_neurons
 
     model = make_model("llama")
-    mask = select_neurons(model, _batches(2), selector, neuron_ratio=0.3, neuron_unit=unit, neuron_targets=BOTH,
-                          show_progress=False, **kwargs)
+    mask = select_neurons(model, make_token_batches(2), selector, neuron_ratio=0.3, neuron_unit=unit,
+                          neuron_targets=BOTH, show_progress=False, **kwargs)
     roles = {str(mask.info[n]["role"]) for n, t in mask.selected.items() if t.any()}
     assert {"q", "k", "v", "o"} & roles  # attention competes with the MLP in each layer's pool and wins some places
     assert mask.num_selected > 0 and set(summarize(mask).roles) == {"up", "down", "q", "k", "v", "o"}
