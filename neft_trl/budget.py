@@ -117,11 +117,13 @@ def select_top(
     scope: str = "global",
     metadata: Mapping[str, str] | None = None,
     excluded: Mapping[str, torch.Tensor] | None = None,
+    excluded_by: str = "the exclusion",
 ) -> NeuronMask:
     """Rank validated scores and keep the best candidates within the budget (ties: lower index first).
 
     ``excluded`` (group key -> bool per candidate) marks candidates that are never kept (``protect_ratio``); the
     budget still counts shares of all candidates, so protection changes which neurons are trained, not how many.
+    ``excluded_by`` names the setting that excluded them, for the message when too few candidates are left.
     """
     if keep not in ("lowest", "highest"):
         raise ValueError(f"keep must be 'lowest' or 'highest', got {keep!r}.")
@@ -136,7 +138,7 @@ def select_top(
     target = round(amount) if kind == "neurons" else amount  # a count budget is a whole number of neurons
     ranked = [_RankedPool(pool, scores, keep == "highest", kind, excluded) for pool in pools]
     for pool in ranked:
-        pool.check_room(target if scope == "global" else share * pool.capacity)
+        pool.check_room(target if scope == "global" else share * pool.capacity, excluded_by)
     if scope == "global":
         ranked[0].fill(target)
     else:
@@ -168,14 +170,14 @@ class _RankedPool:
         self.quota = 0.0
         self.taken = 0
 
-    def check_room(self, quota: float) -> None:
+    def check_room(self, quota: float, excluded_by: str) -> None:
         """Excluded candidates must leave room for the pool's part of the budget."""
         room = float(self.units[: self.eligible].sum())
         if quota > room + 1e-6:
             where = self.groups[0].key if len(self.groups) == 1 else f"{self.groups[0].key} .. {self.groups[-1].key}"
             raise UsageError(f"The budget asks {quota / self.capacity:.1%} of the candidates of {where}, but "
-                             f"protect_ratio leaves only {room / self.capacity:.1%} of them selectable: lower "
-                             "protect_ratio or the budget.")
+                             f"{excluded_by} leaves only {room / self.capacity:.1%} of them selectable: lower "
+                             f"{excluded_by} or the budget.")
 
     def fill(self, quota: float) -> None:
         """Take the longest prefix of the ranking whose units fit in ``quota`` (excluded candidates never)."""

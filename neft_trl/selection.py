@@ -76,7 +76,7 @@ def run_selector(
         protected_count = sum(int(flags.sum()) for flags in protected.values())
         meta.update(protect_ratio=f"{protect_ratio:g}", protected_candidates=str(protected_count))
     mask = select_top(context.neuron_map, scores, context.budget, total, keep=keep, scope=scope, metadata=meta,
-                      excluded=protected)
+                      excluded=protected, excluded_by="protect_ratio")
     mask.metadata["selection_seconds"] = f"{seconds:.3f}"
     logger.info("NeFT: selector %s scored %d candidates in %.1fs", label, context.neuron_map.num_candidates, seconds)
     log_mask(mask)
