@@ -97,7 +97,7 @@ def ablation_methods(installed_selectors: list[str]) -> list[str]:
     Cosine probe length (1%, 5%, 20% of the run, and the default), full vs sketch probe, gradient taylor vs
     norm, activation, random, the ``magnitude`` plugin where installed, ``neuron_unit`` vector (the paper), whole
     SwiGLU channels (gate rows too), one global pool (the paper) and per-role shares instead of per-layer ones,
-    attention neurons (with cosine and random selection), and no protection (the paper) or 5% instead of 1%.
+    attention neurons (with cosine and random selection), and no protection (the paper), 1% or 5% instead of 3%.
     """
     names = ["full", "lora", "neft-delta-cosine", "neft-delta-cosine+probe1", "neft-delta-cosine+probe5",
              "neft-delta-cosine+probe20", "neft-delta-cosine+fullprobe", "neft-delta-gradient",
@@ -106,7 +106,7 @@ def ablation_methods(installed_selectors: list[str]) -> list[str]:
         names.append("neft-delta-magnitude")
     return names + ["neft-delta-cosine+vectorunit", "neft-delta-cosine+gate", "neft-delta-cosine+global",
                     "neft-delta-cosine+perrole", "neft-delta-cosine+attn", "neft-delta-random+attn",
-                    "neft-delta-cosine+protect0", "neft-delta-cosine+protect5"]
+                    "neft-delta-cosine+protect0", "neft-delta-cosine+protect1", "neft-delta-cosine+protect5"]
 
 
 def neft_trainable_parameters(
