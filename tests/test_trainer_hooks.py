@@ -17,8 +17,21 @@ def _train(tmp_path, model, **overrides):
     return trainer
 
 
+def _key_bias_rows(proj) -> torch.Tensor:
+    """Rows whose bias gets no gradient: a key bias adds the same amount to every score of a query, which softmax
+    ignores, so it cannot move (or moves by rounding noise only): the k rows of a k or a fused qkv projection."""
+    rows = torch.zeros(proj.num_neurons, dtype=torch.bool)
+    if proj.role == "k":
+        rows[:] = True
+    elif proj.role == "qkv":
+        width = proj.num_neurons // 3
+        rows[width:2 * width] = True
+    return rows
+
+
 def assert_only_selected_changed(trainer, before):
-    """Every non-selected neuron and every non-MLP parameter is bit-identical; every selected neuron moved."""
+    """Every non-selected neuron and every non-MLP parameter is bit-identical; every selected neuron moved (its
+    bias too, unless it is a key bias, which has no gradient)."""
     model, mask = trainer.model, trainer.neuron_mask
     mlp_params = set()
     for proj in trainer.neuron_map:
@@ -34,7 +47,9 @@ def assert_only_selected_changed(trainer, before):
             mlp_params.add(f"{proj.name}.bias")
             bias_moved = bias.detach() != before[f"{proj.name}.bias"]
             if proj.trains_bias:
-                assert not bias_moved[~selected].any() and bias_moved[selected].all()
+                assert not bias_moved[~selected].any(), f"a frozen neuron's bias moved in {proj.name}"
+                can_move = selected & ~_key_bias_rows(proj)
+                assert bias_moved[can_move].all(), f"a selected neuron's bias of {proj.name} did not move"
             else:
                 assert not bias_moved.any(), "the output projection's shared bias must stay frozen"
     for name, param in model.named_parameters():
