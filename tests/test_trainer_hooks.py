@@ -19,11 +19,16 @@ def _train(tmp_path, model, **overrides):
 
 def _key_bias_rows(proj) -> torch.Tensor:
     """Rows whose bias gets no gradient: a key bias adds the same amount to every score of a query, which softmax
-    ignores, so it cannot move (or moves by rounding noise only): the k rows of a k or a fused qkv projection."""
+    ignores, so it cannot move (or moves by rounding noise only): the k rows of a k or a fused qkv projection.
+
+    Fused layouts differ: GPT-2's ``c_attn`` stacks q, k, v blocks, GPT-NeoX's ``query_key_value`` interleaves them
+    per head. Only the stacked one is known here; another fused layout fails loudly instead of exempting wrong rows.
+    """
     rows = torch.zeros(proj.num_neurons, dtype=torch.bool)
     if proj.role == "k":
         rows[:] = True
     elif proj.role == "qkv":
+        assert proj.name.endswith(".c_attn"), f"the k rows of {proj.name}'s fused layout are unknown to this helper"
         width = proj.num_neurons // 3
         rows[width:2 * width] = True
     return rows
