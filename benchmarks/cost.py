@@ -3,18 +3,20 @@
     python benchmarks/cost.py                                     # TinyLlama-1.1B shape, every method, 3 steps
     python benchmarks/cost.py --shape smollm2-135m --methods lora,neft-delta-cosine
 
-Memory and step time do not depend on weight values, so a randomly initialised model of a real shape measures
-what the real model would cost without downloading it. Each method runs in its own process (peak RSS is per
-process), on the same batch (1 x 128 tokens by default), in fp32 on the CPU; the high-water mark is reset
-between selection and training (``/proc/self/clear_refs``, read back from ``VmHWM``). NeFT runs through the
-functional API with its defaults (``select_neurons`` + ``apply_neurons``), the same calls the trainer makes;
-LoRA is PEFT on all linear layers at the rank with NeFT's trainable parameter count. The table prints each
-phase's peak and the step time as ratios to LoRA, with the memory estimate (``neft_trl.estimate``) beside.
+Memory and step time do not depend on weight values, so a randomly initialised model of a real shape measures what
+the real model would cost without downloading it. Each method runs in its own process (peak RSS is per process), on
+the same batch (1 x 128 tokens by default), in fp32 on the CPU; the high-water mark is reset between selection and
+training (``/proc/self/clear_refs``, read back from ``VmHWM``), after freed heap is handed back to the system
+(``malloc_trim``). NeFT runs through the functional API with its defaults (``select_neurons`` + ``apply_neurons``),
+the same calls the trainer makes; LoRA is PEFT on all linear layers at the rank with NeFT's trainable parameter
+count. The table prints each phase's peak and the step time as ratios to LoRA, with the memory estimate
+(``neft_trl.estimate``) beside.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import statistics
 import subprocess
@@ -39,6 +41,15 @@ def high_water_mib() -> float:
 
 
 def reset_high_water() -> None:
+    """Start a new phase's high-water mark at the memory the process really holds now.
+
+    Freed heap that glibc keeps mapped (model construction's temporaries, selection's buffers) would otherwise
+    count towards the next phase's peak, by an amount that varies run to run (0.4 GiB at 135M); ``malloc_trim``
+    hands it back first, so each phase's peak is what that phase needs."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
