@@ -93,3 +93,23 @@ def test_the_trainer_leaves_protected_channels_bit_identical(tmp_path, mode):
     if mode == "delta":
         trainer.neuron_training.merge()  # the weights then differ from before exactly on the selected neurons
     assert_only_selected_changed(trainer, before)
+
+
+def test_protection_draws_its_batches_from_the_seed_alone():
+    """A batch source that shuffles from the global RNG (as a trainer's dataloader does) gives the protection the
+    same batches whatever random numbers the caller drew before selecting: the mask depends on ``seed`` alone."""
+    model, ready = make_model("llama"), make_token_batches()
+    drawn: list[list[int]] = []
+
+    def shuffled(count):
+        order = torch.randint(len(ready), (count,)).tolist()
+        drawn.append(order)
+        return (ready[i] for i in order)
+
+    masks = []
+    for caller_seed in (0, 1):
+        torch.manual_seed(caller_seed)
+        masks.append(select_neurons(model, shuffled, "random", neuron_ratio=0.25, protect_ratio=0.3, seed=7,
+                                    show_progress=False))
+    assert drawn[0] == drawn[1]
+    assert masks[0] == masks[1]
