@@ -12,6 +12,7 @@ from neft_trl import NeuronMask, select_neurons
 from neft_trl.budget import Budget
 from neft_trl.errors import UsageError
 from neft_trl.neurons import build_neuron_map
+from neft_trl.protection import PROTECT_BATCHES
 from neft_trl.selectors.activation import mean_activations
 from neft_trl.selectors.base import SelectionContext
 
@@ -113,3 +114,19 @@ def test_protection_draws_its_batches_from_the_seed_alone():
                                     show_progress=False))
     assert drawn[0] == drawn[1]
     assert masks[0] == masks[1]
+
+
+def test_the_activation_selector_reuses_the_protections_measurement():
+    """Protection and ``selector="activation"`` measure the same 16 seeded batches: the model runs them once."""
+    model, batches = make_model("llama"), make_token_batches()
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        select_neurons(model, batches, "activation", neuron_ratio=0.25, protect_ratio=0.3, show_progress=False)
+        assert len(forwards) == PROTECT_BATCHES
+        forwards.clear()
+        select_neurons(model, batches, "activation", neuron_ratio=0.25, protect_ratio=0.3, show_progress=False,
+                       calibration_batches=8)  # another count is another measurement
+        assert len(forwards) == PROTECT_BATCHES + 8
+    finally:
+        handle.remove()

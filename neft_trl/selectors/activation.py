@@ -62,8 +62,15 @@ def mean_activations(context: SelectionContext, calibration_batches: int, user: 
     """Mean |activation| of every candidate of every group over ``calibration_batches`` training batches, fp32 on
     CPU, keyed by ``NeuronGroup.key``: the activation selector's score, and what ``protect_ratio`` protects.
 
-    ``user`` names who asked (a selector, or the protection), for the messages about missing batches.
+    ``user`` names who asked (a selector, or the protection), for the messages about missing batches. Both draw the
+    same batches (``run_selector`` seeds before each), so a second call with the same count reuses the first's.
     """
+    means = context.memoized(("mean_activations", calibration_batches),
+                             lambda: _measure_activations(context, calibration_batches, user))
+    return dict(means)
+
+
+def _measure_activations(context: SelectionContext, calibration_batches: int, user: str) -> dict[str, torch.Tensor]:
     model = context.model
     measured = [_measured(g.projections) for g in context.neuron_map.groups]
     sums = {p.name: torch.zeros(p.num_neurons, dtype=torch.float64, device=p.module.weight.device) for p in measured}

@@ -55,6 +55,7 @@ class SelectionContext:
     show_progress: bool = True
     total_parameters: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def require_batches(self, selector: str) -> Callable[[int], Iterator[Batch]]:
         if self.batches is None:
@@ -95,6 +96,13 @@ class SelectionContext:
                 "The model returned no loss: calibration batches need `labels` (or set SelectionContext.compute_loss)."
             )
         return loss
+
+    def memoized(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()``'s result, computed once per selection: ``protect_ratio`` and the activation selector both
+        measure mean activations on the same seeded batches of an unchanged model, so the second reuses the first."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
