@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import statistics
 import subprocess
@@ -46,8 +47,9 @@ def reset_high_water() -> None:
     Freed heap that glibc keeps mapped (model construction's temporaries, selection's buffers) would otherwise
     count towards the next phase's peak, by an amount that varies run to run (0.4 GiB at 135M); ``malloc_trim``
     hands it back first, so each phase's peak is what that phase needs."""
+    gc.collect()  # what only reference cycles hold is freed first
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to trim
         pass
     with open("/proc/self/clear_refs", "w") as f:

@@ -56,9 +56,9 @@ def run_selector(
     model = context.model
     before = _model_state(model)
     start = time.perf_counter()
-    with preserved_rng_state(), _restored_mode(model):
-        # seeded before each: the protection's batches (a trainer's dataloader shuffles from the global RNG) and the
-        # selector's draws then depend on context.seed alone, and the selector's not on whether protection ran
+    with preserved_rng_state(), _restored_mode(model), context.one_selection():
+        # reseeded before the protection and before the selector, so each depends on context.seed alone (a trainer's
+        # dataloader shuffles from the global RNG), and the selector's draws not on whether protection ran
         _seed_everything(context.seed)
         protected = protected_candidates(context, protect_ratio)
         _seed_everything(context.seed)

@@ -122,11 +122,18 @@ def test_the_activation_selector_reuses_the_protections_measurement():
     forwards = []
     handle = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     try:
-        select_neurons(model, batches, "activation", neuron_ratio=0.25, protect_ratio=0.3, show_progress=False)
+        select_neurons(model, batches, "activation", neuron_ratio=0.25, protect_ratio=0.3, show_progress=False,
+                       calibration_batches=PROTECT_BATCHES)
         assert len(forwards) == PROTECT_BATCHES
         forwards.clear()
         select_neurons(model, batches, "activation", neuron_ratio=0.25, protect_ratio=0.3, show_progress=False,
                        calibration_batches=8)  # another count is another measurement
         assert len(forwards) == PROTECT_BATCHES + 8
+        forwards.clear()
+        context = SelectionContext(model=model, neuron_map=build_neuron_map(model, "mlp"),
+                                   budget=Budget.resolve(neuron_ratio=0.1), batches=batches, show_progress=False)
+        first, second = (torch.cat(list(mean_activations(context, 4, "test").values())) for _ in range(2))
+        assert torch.equal(first, second)
+        assert len(forwards) == 8  # outside a selection nothing is kept: a reused context is never stale
     finally:
         handle.remove()

@@ -63,11 +63,12 @@ def mean_activations(context: SelectionContext, calibration_batches: int, user: 
     CPU, keyed by ``NeuronGroup.key``: the activation selector's score, and what ``protect_ratio`` protects.
 
     ``user`` names who asked (a selector, or the protection), for the messages about missing batches. Both draw the
-    same batches (``run_selector`` seeds before each), so a second call with the same count reuses the first's.
+    same batches (``run_selector`` seeds before each), so within one selection a second call with the same count
+    reuses the first's measurement (copied: a caller may change its scores in place).
     """
     means = context.memoized(("mean_activations", calibration_batches),
                              lambda: _measure_activations(context, calibration_batches, user))
-    return dict(means)
+    return {key: value.clone() for key, value in means.items()}
 
 
 def _measure_activations(context: SelectionContext, calibration_batches: int, user: str) -> dict[str, torch.Tensor]:

@@ -55,7 +55,7 @@ class SelectionContext:
     show_progress: bool = True
     total_parameters: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _memo: dict[Any, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def require_batches(self, selector: str) -> Callable[[int], Iterator[Batch]]:
         if self.batches is None:
@@ -97,9 +97,23 @@ class SelectionContext:
             )
         return loss
 
+    @contextlib.contextmanager
+    def one_selection(self) -> Iterator[None]:
+        """The span of one selection (``run_selector``), over which ``memoized`` results stay valid: the model and
+        the seeded batches do not change inside it. Outside it nothing is kept, so a reused context never sees a
+        stale result."""
+        self._memo = {}
+        try:
+            yield
+        finally:
+            self._memo = None
+
     def memoized(self, key: Any, compute: Callable[[], Any]) -> Any:
         """``compute()``'s result, computed once per selection: ``protect_ratio`` and the activation selector both
-        measure mean activations on the same seeded batches of an unchanged model, so the second reuses the first."""
+        measure mean activations on the same seeded batches of an unchanged model, so the second reuses the first.
+        This assumes ``batches(n)`` repeats itself from the same seed (a trainer's dataloader or a list does)."""
+        if self._memo is None:
+            return compute()
         if key not in self._memo:
             self._memo[key] = compute()
         return self._memo[key]
