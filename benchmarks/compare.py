@@ -40,11 +40,12 @@ from .tradeoff import sweep_points, tradeoff_markdown
 ROOT = Path(__file__).resolve().parents[1]
 #: run_method flags that the driver passes through unchanged when set.
 PASSTHROUGH = ("model", "dataset", "source_column", "target_column", "lang", "max_chars", "param_ratio",
-               "batch_size", "max_new_tokens", "threads", "chat", "prose_size", "max_train_pairs")
+               "batch_size", "max_new_tokens", "threads", "chat", "prose_size", "max_train_pairs",
+               "warmup_ratio")
 #: Settings that change a run's numbers: one output folder holds runs of one setting only.
 RESULT_SETTINGS = ("regime", "epochs", "max_steps", "eval_steps", "test_size", "dev_size", "model", "dataset",
                    "source_column", "target_column", "lang", "max_chars", "param_ratio", "batch_size", "chat",
-                   "prose_size", "max_train_pairs", "selector_kwargs")
+                   "prose_size", "max_train_pairs", "selector_kwargs", "warmup_ratio")
 REGIMES = ("short", "long")
 
 
@@ -64,6 +65,9 @@ class CompareArguments:
     prose_size: int | None = field(default=None, metadata={"help": "Prose paragraphs of the forgetting probe "
                                                                    "(default 64; 0: no probe)."})
     max_train_pairs: int | None = field(default=None, metadata={"help": "Use only this many training pairs."})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "Share of the steps with a linear "
+                                                                       "learning-rate warmup, every method alike "
+                                                                       "(default 0)."})
     methods: str | None = field(default=None, metadata={"help": "Comma-separated methods (see benchmarks/methods.py)"
                                                                  ". Default: full, lora, NeFT hooks + delta per "
                                                                  "selector, qneft-delta-cosine, qlora."})

@@ -6,7 +6,8 @@ One method per process, so that peak RSS (``resource.getrusage``) belongs to tha
 (``benchmarks/compare.py``) starts one of these per method, learning rate and seed. Every method gets the
 same model (SmolLM2-135M-Instruct by default, fp32 or 4-bit nf4), the same data (Django En->X pairs with a
 fixed held-out test split and a small dev split for choosing the learning rate), the same optimizer
-(AdamW, linear decay, no warmup, weight decay 0, no dropout, no gradient checkpointing) and the same steps.
+(AdamW, linear decay, no warmup unless ``--warmup_ratio``, weight decay 0, no dropout, no gradient
+checkpointing) and the same steps.
 
 Two regimes: the short one (``--max_steps``, test loss every ``--eval_steps``, the final model is reported)
 and the long one (``--epochs``: that many passes over the training pairs, test and dev loss every half epoch,
@@ -71,6 +72,8 @@ class RunArguments(PairDataArguments):
     eval_batch_size: int = field(default=32, metadata={"help": "Eval and generation batch size."})
     eval_steps: int = field(default=10, metadata={"help": "Held-out eval loss every this many steps (the curve); "
                                                             "0: only before and after training."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of the steps with a linear learning-rate "
+                                                                "warmup (the same for every method; 0: none)."})
     max_length: int = field(default=128, metadata={"help": "Max tokens per training example."})
     param_ratio: float = field(default=0.018, metadata={"help": "NeFT budget (share of all parameters); LoRA's "
                                                                 "rank is chosen to match it."})
@@ -100,7 +103,8 @@ def training_config(args: RunArguments, method: Method, output_dir: str) -> Any:
 
     common = dict(
         output_dir=output_dir, max_steps=args.max_steps, learning_rate=args.learning_rate, lr_scheduler_type="linear",
-        warmup_steps=0, weight_decay=0.0, per_device_train_batch_size=args.batch_size,
+        warmup_steps=round(args.warmup_ratio * args.max_steps), weight_decay=0.0,
+        per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.eval_batch_size, max_length=args.max_length, gradient_checkpointing=False,
         eval_strategy="steps" if args.eval_steps else "no", eval_steps=args.eval_steps or None,
         logging_steps=args.eval_steps or args.max_steps, save_strategy="no",

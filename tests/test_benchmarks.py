@@ -227,3 +227,15 @@ def test_quick_long_regime_with_every_new_option_on_the_tiny_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--quick", "--methods", "lora", "--output_dir",
                            str(tmp_path / "bench"), "--report_only"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode != 0 and "holds runs made with other settings" in proc.stderr
+
+
+def test_warmup_ratio_reaches_every_method_alike(tmp_path):
+    """``--warmup_ratio`` turns into the same number of warmup steps for LoRA and NeFT (a share of this run's steps)."""
+    from benchmarks.run_method import RunArguments, training_config
+
+    args = RunArguments(method="lora", output=str(tmp_path / "r.json"), max_steps=60, warmup_ratio=0.1)
+    lora = training_config(args, parse_method("lora"), str(tmp_path))
+    neft = training_config(args, parse_method("neft-delta-cosine"), str(tmp_path))
+    assert lora.warmup_steps == neft.warmup_steps == 6
+    assert training_config(RunArguments(method="lora", output="r.json", max_steps=60), parse_method("lora"),
+                           str(tmp_path)).warmup_steps == 0
