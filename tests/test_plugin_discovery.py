@@ -56,7 +56,12 @@ def plugin_on_path(installed_plugin, monkeypatch):
     monkeypatch.syspath_prepend(str(installed_plugin))
     monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
     monkeypatch.setattr(manager, "_loaded_entry_points", False)  # discovery is cached per process: redo it
+    _forget_magnitude()  # pip may have installed it in this venv too: start from a process that has not loaded it
     yield
+    _forget_magnitude()
+
+
+def _forget_magnitude() -> None:
     if plugin_manager.has_plugin("magnitude"):
         plugin_manager.unregister(name="magnitude")
     _sources.pop("magnitude", None)
